@@ -1,0 +1,1 @@
+"""Corral: the Llama 3 system in Python."""

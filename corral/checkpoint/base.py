@@ -1,0 +1,47 @@
+"""What every checkpoint reader returns, and the one weight transform formats share.
+
+Inside Corral every weight has Meta's name and Meta's layout. A format module is a key map
+plus named transforms applied at this boundary (STYLE.md 3), and returns a ``Checkpoint``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corral.model.config import ModelConfig
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    """Meta key names (``layers.0.attention.wq.weight``), Meta RoPE layout, no ``output.weight`` when tied."""
+    format: str
+    """"gguf", "hf" or "meta"."""
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Format-specific extras: GGUF key/values (tokenizer, chat template), HF config and tokenizer_config."""
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta (interleaved-pair RoPE) -> HF/GGUF (half-split RoPE) layout of a wq/wk weight.
+
+    (n_heads*head_dim, dim) viewed as (n_heads, head_dim//2, 2, dim): pairs move to halves.
+    """
+    out_features, dim = w.shape
+    head_dim = out_features // n_heads
+    return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(out_features, dim)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF/GGUF (half-split) -> Meta (interleaved pairs); the inverse of ``permute_qk``.
+
+    REFERENCE.md: ``w.view(n_heads, 2, head_dim//2, dim).transpose(1, 2).reshape(n_heads*head_dim, dim)``.
+    """
+    out_features, dim = w.shape
+    head_dim = out_features // n_heads
+    return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(out_features, dim)
