@@ -1,1 +1,11 @@
-"""Corral: the Llama 3 system in Python."""
+"""Corral: the Llama 3 system in Python.
+
+    import corral
+    llm = corral.load()                      # the embedded SmolLM2-135M-Instruct
+    llm.chat([{"role": "user", "content": "What is the capital of France?"}]).text
+"""
+
+from corral.errors import CorralError, FormatError
+from corral.llm import LLM, GenerationResult, load
+
+__all__ = ["LLM", "CorralError", "FormatError", "GenerationResult", "load"]

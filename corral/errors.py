@@ -38,3 +38,7 @@ class ChatFormatError(CorralError, ValueError):
 
 class ConfigError(CorralError, ValueError):
     """A model or run configuration has a missing, unknown or ill-typed field."""
+
+
+class ModelNotFoundError(CorralError, FileNotFoundError):
+    """The model path or name does not exist."""

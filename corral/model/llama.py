@@ -1,0 +1,150 @@
+"""The Llama 3 transformer (Llama Team, "The Llama 3 Herd of Models", arXiv 2407.21783).
+
+Pre-norm decoder blocks: h = x + Attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h)).
+Attention is grouped-query (each key/value head serves n_heads / n_kv_heads query heads)
+with rotary positions. Parameter names are the keys of Meta's consolidated checkpoints.
+
+No I/O, no process groups, no device strings: loaders build this on the meta device and
+assign weights; parallelism, quantization and LoRA are transforms applied afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corral.model.config import ModelConfig
+from corral.model.rope import rope_angles, rope_frequencies, rotate
+
+
+class KVCache(Protocol):
+    """Where attention keeps past keys and values; owned by the caller (the engine), not the model."""
+
+    def update(
+        self, layer_id: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos; return all keys/values so far (B, n_kv_heads, S, head_dim)."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int, config: ModelConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        start_pos: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, n_kv_heads, S, head_dim)
+        # GQA: each key/value head serves n_heads / n_kv_heads consecutive query heads.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020, arXiv 2002.05202): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, config: ModelConfig):
+        super().__init__()
+        self.attention = Attention(layer_id, config)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, start_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(i, config) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # Tied models (Llama 3.2 1B/3B) project with the embedding matrix and have no `output` weight.
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Token ids (B, T) at positions start_pos.. -> float32 logits (B, T, vocab), or (B, 1, vocab) if last_only."""
+        B, T = tokens.shape
+        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
+        cos, sin = rope_angles(rope_frequencies(self.config, tokens.device), positions)  # (T, head_dim/2)
+        mask = causal_mask(start_pos, T, tokens.device) if cache is not None and T > 1 and start_pos > 0 else None
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, start_pos)
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight).float()
+
+
+def causal_mask(start_pos: int, T: int, device: torch.device) -> torch.Tensor:
+    """Boolean (T, start_pos + T): query i (at start_pos + i) sees keys 0..start_pos + i."""
+    query_pos = torch.arange(start_pos, start_pos + T, device=device)[:, None]
+    key_pos = torch.arange(start_pos + T, device=device)[None, :]
+    return key_pos <= query_pos
+
+
+def init_weights_(model: Transformer, std: float = 0.02) -> Transformer:
+    """Fresh weights for training from scratch: normal(0, std) matrices, unit norms."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, mean=0.0, std=std)
+    return model
