@@ -76,7 +76,9 @@ def chat_format_for(ckpt: Checkpoint, tokenizer):
 
     specials = tokenizer.special_tokens
     if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:
-        version = "3.1" if (ckpt.config.use_scaled_rope or "<|eom_id|>" in specials) else "3.0"
+        # The tokenizer file is the same for 3.0-3.2; the RoPE scaling tells the releases apart.
+        cfg = ckpt.config
+        version = "3.0" if not cfg.use_scaled_rope else ("3.2" if cfg.rope_scaling_factor == 32 else "3.1")
         return Llama3ChatFormat(tokenizer, version=version)
     meta = ckpt.metadata
     template = meta.get("tokenizer.chat_template") or (meta.get("tokenizer_config") or {}).get("chat_template")
