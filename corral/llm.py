@@ -60,19 +60,28 @@ def load_tokenizer_for(ckpt: Checkpoint):
 
     meta = ckpt.metadata
     if ckpt.format == "gguf":
-        return load_bpe_from_gguf_metadata(meta), bool(meta.get("tokenizer.ggml.add_bos_token", True))
+        tokenizer = load_bpe_from_gguf_metadata(meta)
+        return tokenizer, tokenizer.add_bos
     if ckpt.format == "hf":
         if not meta.get("tokenizer_json"):
             raise FormatError("no tokenizer.json in the model directory", path=str(ckpt.path), field="tokenizer.json")
-        add_bos = (meta.get("tokenizer_config") or {}).get("add_bos_token", True)
-        return load_bpe_from_hf_json(meta["tokenizer_json"]), bool(add_bos)
+        config = meta.get("tokenizer_config") or {}
+        names = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
+        tokenizer = load_bpe_from_hf_json(meta["tokenizer_json"], **names)
+        return tokenizer, bool(config.get("add_bos_token", tokenizer.bos_id is not None))
     # Meta directories ship tokenizer.model; without one, Meta's own Llama 3 file is the only sensible choice.
     return load_llama3_tokenizer(meta.get("tokenizer_model")), True
 
 
+def _token_text(value) -> str | None:
+    """tokenizer_config.json gives special tokens as text or as {"content": text, ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
 def chat_format_for(ckpt: Checkpoint, tokenizer):
     """Llama 3 models get the exact Llama 3 format; others render the Jinja template they carry."""
-    from corral.tokenizer.chat_format import JinjaChatFormat, Llama3ChatFormat
+    from corral.tokenizer.chat_format import Llama3ChatFormat
+    from corral.tokenizer.template import JinjaChatFormat
 
     specials = tokenizer.special_tokens
     if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:

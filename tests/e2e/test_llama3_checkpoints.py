@@ -12,13 +12,13 @@ from corral.tokenizer import load_llama3_tokenizer
 
 def llama3_dir(tmp_path, scaled: bool):
     from corral.checkpoint.meta import export_meta
-    from corral.tokenizer.llama3 import default_tokenizer_path
+    from corral.tokenizer.llama3 import default_tokenizer_model_path
 
     extra = dict(use_scaled_rope=True, max_seq_len=131072) if scaled else {}
     config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, **extra)
     torch.manual_seed(0)
     model = init_weights_(Transformer(config))
-    export_meta(config, model.state_dict(), tmp_path / "meta", tokenizer_model=default_tokenizer_path())
+    export_meta(config, model.state_dict(), tmp_path / "meta", tokenizer_model=default_tokenizer_model_path())
     return config, model
 
 
@@ -29,7 +29,8 @@ def test_meta_directory_loads_with_llama3_tokenizer_and_stop_set(tmp_path, scale
     assert llm.tokenizer.vocab_size == 128256
     assert set(llm.stop_ids) == stops
     ids = llm.chat_format.encode_dialog([{"role": "user", "content": "hi"}])
-    assert ids[0] == 128000 and ids[-4:-1] == [128006, *llm.tokenizer.encode("assistant")]
+    tail = [128006, *llm.tokenizer.encode("assistant"), 128007, *llm.tokenizer.encode("\n\n")]
+    assert ids[0] == 128000 and ids[-len(tail):] == tail
     out = llm.chat([{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=5)
     assert len(out.token_ids) <= 5 and out.finish_reason in ("stop", "length")
 
