@@ -26,7 +26,8 @@ class SamplingParams:
     """Same seed, same prompt, same output."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
             raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")

@@ -26,7 +26,7 @@ class KVCache(Protocol):
     def update(
         self, layer_id: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos; return all keys/values so far (B, n_kv_heads, S, head_dim)."""
+        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos; return all so far (B, n_kv_heads, S, head_dim)."""
         ...
 
 
