@@ -23,7 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from corral.errors import ChatFormatError
 from corral.tokenizer import Tokenizer
-from corral.tokenizer.chat_format import Dialog, Message, parse_reply, to_messages
+from corral.tokenizer.messages import Dialog, Message, parse_reply, to_messages
 
 Segment = tuple[str, bool]  # (text, is_template_text); template text may hold special tokens
 MAX_RENDER_CHARS = 4_000_000  # a rendered prompt past this is a runaway template, not a dialog
