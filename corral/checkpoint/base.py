@@ -6,12 +6,14 @@ plus named transforms applied at this boundary (STYLE.md 3), and returns a ``Che
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from corral.errors import FormatError
 from corral.model.config import ModelConfig
 
 
@@ -45,3 +47,14 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     out_features, dim = w.shape
     head_dim = out_features // n_heads
     return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(out_features, dim)
+
+
+def read_json_object(path: Path) -> dict:
+    """A small JSON config file (config.json, params.json, an index) as a dict, or a FormatError naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"not valid JSON ({exc})", path=str(path)) from None
+    if not isinstance(value, dict):
+        raise FormatError("is not a JSON object", path=str(path))
+    return value

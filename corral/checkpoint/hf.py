@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from corral.checkpoint.base import Checkpoint, permute_qk, unpermute_qk
+from corral.checkpoint.base import Checkpoint, permute_qk, read_json_object, unpermute_qk
 from corral.checkpoint.meta import check_state_dict, drop_tied_output
 from corral.checkpoint.safetensors_io import read_safetensors, write_atomic, write_safetensors
 from corral.errors import ConfigError, FormatError
@@ -187,16 +187,6 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None) -> dict[str, An
 
 # ---- loading ---------------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"not valid JSON ({exc})", path=str(path)) from None
-    if not isinstance(value, dict):
-        raise FormatError("is not a JSON object", path=str(path))
-    return value
-
-
 def _plain_file_name(name: object, index: Path) -> str:
     """A weight_map value must name a file in the directory itself: no separators, no '..', not absolute."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
@@ -212,7 +202,7 @@ def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     index_path = directory / INDEX_FILE
     if not index_path.is_file():
         raise FormatError(f"no {SINGLE_FILE} and no {INDEX_FILE}", path=str(directory))
-    weight_map = _read_json(index_path).get("weight_map")
+    weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError("must be a non-empty object", path=str(index_path), field="weight_map")
     by_file: dict[str, list[str]] = {}
@@ -257,7 +247,7 @@ def load_hf(directory: str | Path, dtype: torch.dtype | None = None) -> Checkpoi
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FormatError("no config.json", path=str(directory))
-    hf_config = _read_json(config_path)
+    hf_config = read_json_object(config_path)
     try:
         config = config_from_hf(hf_config)
     except FormatError as exc:
@@ -268,11 +258,11 @@ def load_hf(directory: str | Path, dtype: torch.dtype | None = None) -> Checkpoi
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     metadata: dict[str, Any] = {"config": hf_config}
     if (directory / "tokenizer_config.json").is_file():
-        metadata["tokenizer_config"] = _read_json(directory / "tokenizer_config.json")
+        metadata["tokenizer_config"] = read_json_object(directory / "tokenizer_config.json")
     if (directory / "tokenizer.json").is_file():
         metadata["tokenizer_json"] = directory / "tokenizer.json"
     if (directory / "generation_config.json").is_file():
-        metadata["generation_config"] = _read_json(directory / "generation_config.json")
+        metadata["generation_config"] = read_json_object(directory / "generation_config.json")
     return Checkpoint(config=config, state_dict=state_dict, format="hf", path=directory, metadata=metadata)
 
 

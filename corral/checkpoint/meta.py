@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from corral.checkpoint.base import Checkpoint
+from corral.checkpoint.base import Checkpoint, read_json_object
 from corral.checkpoint.safetensors_io import write_atomic
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
@@ -160,23 +160,13 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], paths: list[Path]) -> di
     return merged
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"not valid JSON ({exc})", path=str(path)) from None
-    if not isinstance(value, dict):
-        raise FormatError("is not a JSON object", path=str(path))
-    return value
-
-
 def load_meta(directory: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
     """Read a Meta checkpoint directory; ``dtype=None`` keeps the stored dtype."""
     directory = Path(directory)
     params_path = directory / "params.json"
     if not params_path.is_file():
         raise FormatError("no params.json", path=str(directory))
-    params = _read_json(params_path)
+    params = read_json_object(params_path)
     try:
         config = ModelConfig.from_params(params)
     except ConfigError as exc:
