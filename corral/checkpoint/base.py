@@ -30,7 +30,7 @@ class Checkpoint:
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta (interleaved-pair RoPE) -> HF/GGUF (half-split RoPE) layout of a wq/wk weight.
+    """Meta (interleaved-pair RoPE) -> HF (half-split RoPE) layout of a wq/wk weight. GGUF keeps Meta's layout.
 
     (n_heads*head_dim, dim) viewed as (n_heads, head_dim//2, 2, dim): pairs move to halves.
     """
@@ -40,7 +40,7 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF/GGUF (half-split) -> Meta (interleaved pairs); the inverse of ``permute_qk``.
+    """HF (half-split) -> Meta (interleaved pairs); the inverse of ``permute_qk``.
 
     REFERENCE.md: ``w.view(n_heads, 2, head_dim//2, dim).transpose(1, 2).reshape(n_heads*head_dim, dim)``.
     """
