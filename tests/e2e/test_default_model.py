@@ -112,3 +112,15 @@ def test_cli_help_explains_commands():
     assert proc.returncode == 0
     for word in ("generate", "chat", "GGUF", "SmolLM2"):
         assert word in proc.stdout
+
+
+@pytest.mark.slow
+def test_bfloat16_load_keeps_llamacpp_agreement_and_answers():
+    llm = corral.load(dtype=torch.bfloat16)
+    assert llm.model.tok_embeddings.weight.dtype == torch.bfloat16
+    golden = json.loads(GOLDEN.read_text())
+    ids = golden["token_ids"][: len(golden["top1"])]
+    with torch.no_grad():
+        ours = llm.model(torch.tensor([ids]))[0].argmax(-1).tolist()
+    assert sum(a == b for a, b in zip(ours, golden["top1"])) >= 0.95 * len(ids)
+    assert "Paris" in llm.chat(CAPITAL, temperature=0, max_new_tokens=24).text
