@@ -127,13 +127,11 @@ class LLM:
         self.config = model.config
         self.add_bos = add_bos
         self.name = name
-
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        ids = set(self.chat_format.stop_ids) if self.chat_format is not None else set()
-        if self.tokenizer.eos_id is not None:
-            ids.add(self.tokenizer.eos_id)
-        return frozenset(ids)
+        stops = set(chat_format.stop_ids) if chat_format is not None else set()
+        if tokenizer.eos_id is not None:
+            stops.add(tokenizer.eos_id)
+        self.stop_ids: frozenset[int] = frozenset(stops)
+        """Token ids that end generation: the chat format's turn ends plus the tokenizer's end of text."""
 
     def generate(
         self,
@@ -143,11 +141,12 @@ class LLM:
         temperature: float = 0.6,
         top_p: float = 0.9,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Continue a prompt (text, or token ids used as given); on_text receives the text as it streams."""
-        ids = self.tokenizer.encode(prompt, bos=self.add_bos) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt, bos=self.add_bos) if isinstance(prompt, str) else self._check_ids(prompt)
+        stop = [stop] if isinstance(stop, str) else stop
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
         return self._complete(ids, params, stop or (), on_text)
 
@@ -159,6 +158,13 @@ class LLM:
         result = self.generate(ids, **kwargs)
         result.message = self.chat_format.parse_reply(result.text)
         return result
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        vocab = self.config.vocab_size
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise CorralError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:3]}")
+        return list(ids)
 
     def _complete(self, ids: list[int], params: SamplingParams, stop: Sequence[str], on_text) -> GenerationResult:
         context = self.config.max_seq_len

@@ -61,6 +61,7 @@ def test_stop_string_cuts_text_exactly(llm):
     cut = llm.generate("1, 2, 3, 4, 5,", temperature=0, max_new_tokens=16, stop=[" 7,"])
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(" 7,")]
+    assert llm.generate("1, 2, 3, 4, 5,", temperature=0, max_new_tokens=16, stop=" 7,").text == cut.text
 
 
 def test_streamed_deltas_join_to_the_final_text(llm):

@@ -70,3 +70,11 @@ def test_hf_and_gguf_exports_of_one_model_generate_the_same_tokens(tmp_path):
     ids = meta.tokenizer.encode("The quick brown fox", bos=True)
     with torch.no_grad():
         assert torch.equal(meta.model(torch.tensor([ids])), from_gguf(torch.tensor([ids])))
+
+
+def test_bad_prompt_token_ids_are_refused(tmp_path):
+    llama3_dir(tmp_path, scaled=False)
+    llm = corral.load(tmp_path / "meta")
+    for ids in ([128256], [-1], [1.5], [True]):
+        with pytest.raises(corral.CorralError, match="token ids"):
+            llm.generate(ids, max_new_tokens=1)
