@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from gguf import GGUFWriter, LlamaFileType
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 from gguf.quants import quantize
 
+from corral.checkpoint.atomic import write_atomic
 from corral.checkpoint.gguf import GGUF_TO_META, ROPE_FREQS, expected_shapes
 from corral.errors import ConfigError
 from corral.model.config import ModelConfig
@@ -146,9 +146,6 @@ def _write(path: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        for fout in writer.fout or []:
-            fout.flush()
-            os.fsync(fout.fileno())
     finally:
         writer.close()
 
@@ -159,21 +156,5 @@ def export_gguf(config: ModelConfig, state_dict: dict[str, torch.Tensor], path: 
     if qtype not in QTYPES:
         raise ConfigError(f"GGUF export supports {', '.join(QTYPES)}, not {qtype!r}")
     path = Path(path)
-    # Created like any new file (mode 0o666 less the umask, unlike mkstemp's 0o600), never over an existing one.
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        _write(tmp, config, state_dict, qtype, metadata or {})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the data itself is already synced
+    write_atomic(path, lambda tmp: _write(tmp, config, state_dict, qtype, metadata or {}))
     return path

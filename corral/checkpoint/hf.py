@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from corral.checkpoint.atomic import write_atomic
 from corral.checkpoint.base import Checkpoint, permute_qk, read_json_object, unpermute_qk
 from corral.checkpoint.meta import check_state_dict, drop_tied_output
-from corral.checkpoint.safetensors_io import read_safetensors, write_atomic, write_safetensors
+from corral.checkpoint.safetensors_io import read_safetensors, write_safetensors
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from corral.checkpoint.atomic import write_atomic
 from corral.checkpoint.base import Checkpoint, read_json_object
-from corral.checkpoint.safetensors_io import write_atomic
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
 

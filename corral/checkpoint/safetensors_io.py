@@ -9,18 +9,16 @@ hostile file costs at most one 100 MB header read and never an out-of-range view
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
-import os
 import struct
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from corral.checkpoint.atomic import write_atomic
 from corral.errors import FormatError
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation uses
@@ -207,46 +205,6 @@ def _tensor_view(mapped: mmap.mmap, data_start: int, entry: TensorEntry) -> torc
         return raw.view(entry.dtype).reshape(entry.shape)
     numel = nbytes // entry.dtype.itemsize
     return torch.frombuffer(mapped, dtype=entry.dtype, count=numel, offset=offset).reshape(entry.shape)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``, on error delete it.
-
-    Readers see the old file or the whole new one, never a partial write (RELIABILITY.md 15).
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temp_path)`` and move the result over ``path`` atomically."""
-    with atomic_output(path) as tmp:
-        write(tmp)
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,

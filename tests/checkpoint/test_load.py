@@ -1,5 +1,6 @@
 """Format detection reads content, never file names, and refuses what it cannot read with a typed error."""
 
+import os
 import shutil
 
 import pytest
@@ -73,3 +74,12 @@ def test_hf_directory_with_corrupt_config_is_format_error(tiny, tmp_path):
     (tmp_path / "hf" / "config.json").write_text("{not json")
     with pytest.raises(FormatError, match="JSON"):
         load_checkpoint(tmp_path / "hf")
+
+
+def test_exported_files_get_ordinary_permissions(tiny):
+    # Written through a temp file and a rename, but readable like any file the user creates (not mkstemp's 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [tiny / "m.gguf", *(tiny / "hf").iterdir(), *(tiny / "meta").iterdir()]
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}
+    assert not [f for f in tiny.rglob(".*.tmp")]
