@@ -88,6 +88,8 @@ def chat_format_for(ckpt: Checkpoint, tokenizer):
         # The tokenizer file is the same for 3.0-3.2; the RoPE scaling tells the releases apart.
         cfg = ckpt.config
         version = "3.0" if not cfg.use_scaled_rope else ("3.2" if cfg.rope_scaling_factor == 32 else "3.1")
+        if "<|eom_id|>" not in specials:  # a tokenizer.json with 3.0 names cannot express 3.1 tool turns
+            version = "3.0"
         return Llama3ChatFormat(tokenizer, version=version)
     meta = ckpt.metadata
     template = meta.get("tokenizer.chat_template") or (meta.get("tokenizer_config") or {}).get("chat_template")

@@ -12,6 +12,7 @@ before it runs (RELIABILITY.md 8).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -173,6 +174,9 @@ def load_meta(directory: str | Path, dtype: torch.dtype | None = None) -> Checkp
         raise FormatError(str(exc), path=str(params_path)) from None
     paths = _shard_paths(directory)
     state_dict = merge_shards([read_pth(p) for p in paths], paths)
+    if "output.weight" not in state_dict and "tie_embeddings" not in params:
+        # Meta's params.json has no field for tying; a checkpoint without an output projection is tied.
+        config = dataclasses.replace(config, tie_embeddings=True)
     drop_tied_output(config, state_dict, directory)
     check_state_dict(config, state_dict, directory)
     if dtype is not None:

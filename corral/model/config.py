@@ -106,6 +106,12 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"params.json has unknown keys: {sorted(unknown)}")
         values = {k: v for k, v in params.items() if k in known}
+        if values.get("use_scaled_rope") is True:
+            # Meta's params.json only switches scaling on. Every release that uses it runs 131,072 tokens,
+            # and the 3.2 1B/3B shapes scale by 32 (their HF configs say so), the 3.1 models by 8.
+            values.setdefault("max_seq_len", 131072)
+            if (values.get("dim"), values.get("n_layers")) in {(2048, 16), (3072, 28)}:
+                values.setdefault("rope_scaling_factor", 32.0)
         values.update(overrides)
         try:
             return cls(**values)

@@ -1,5 +1,6 @@
 """Format detection reads content, never file names, and refuses what it cannot read with a typed error."""
 
+import json
 import os
 import shutil
 
@@ -83,3 +84,15 @@ def test_exported_files_get_ordinary_permissions(tiny):
     files = [tiny / "m.gguf", *(tiny / "hf").iterdir(), *(tiny / "meta").iterdir()]
     assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}
     assert not [f for f in tiny.rglob(".*.tmp")]
+
+
+def test_meta_checkpoint_without_output_weight_loads_as_tied(tmp_path):
+    from corral.checkpoint.meta import export_meta
+
+    config = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                         tie_embeddings=True)
+    export_meta(config, init_weights_(Transformer(config)).state_dict(), tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    del params["tie_embeddings"]  # as in Meta's own params.json, which has no such field
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert load_checkpoint(tmp_path).config.tie_embeddings

@@ -86,3 +86,17 @@ def test_preset_ffn_width_matches_reference(name, hidden):
                                            ("llama3.2-1b", 1.24), ("llama3.2-3b", 3.21)])
 def test_preset_parameter_count_matches_meta(name, billions):
     assert PRESETS[name].num_params() / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_meta_params_json_of_31_and_32_get_their_context_and_scaling():
+    from corral.model.config import ModelConfig
+
+    base = {"n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 256, "ffn_dim_multiplier": 1.5,
+            "norm_eps": 1e-5, "rope_theta": 500000.0}
+    llama32_1b = ModelConfig.from_params({**base, "dim": 2048, "n_layers": 16, "use_scaled_rope": True})
+    assert (llama32_1b.max_seq_len, llama32_1b.rope_scaling_factor) == (131072, 32.0)
+    llama31_8b = ModelConfig.from_params({**base, "dim": 4096, "n_layers": 32, "ffn_dim_multiplier": 1.3,
+                                          "multiple_of": 1024, "use_scaled_rope": True})
+    assert (llama31_8b.max_seq_len, llama31_8b.rope_scaling_factor) == (131072, 8.0)
+    llama30 = ModelConfig.from_params({**base, "dim": 4096, "n_layers": 32})
+    assert (llama30.max_seq_len, llama30.use_scaled_rope) == (8192, False)
