@@ -322,7 +322,7 @@ def exercise(path, which: str) -> None:
 
 
 @pytest.mark.parametrize("which", ["parser", "model"])
-@settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1000, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_gguf_gives_only_format_error_fast(tmp_path, seeds, which, data):
     seed = seeds[which]

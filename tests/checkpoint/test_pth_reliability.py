@@ -115,7 +115,7 @@ def mutated(draw) -> bytes:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes a mutated protocol byte
-@settings(max_examples=300, deadline=1000)
+@settings(max_examples=1000, deadline=1000)
 @given(content=mutated())
 def test_mutated_pth_gives_only_format_error(content):
     with tempfile.TemporaryDirectory() as d:

@@ -223,7 +223,7 @@ def mutated(draw, base: bytes, hot_end: int) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 @given(content=mutated(VALID, HEADER_END))
 def test_mutated_safetensors_gives_only_format_error(content):
     with tempfile.TemporaryDirectory() as d:
@@ -259,7 +259,7 @@ def hostile_header(draw) -> dict:
     return header
 
 
-@settings(max_examples=300, deadline=1000)
+@settings(max_examples=1000, deadline=1000)
 @given(header=hostile_header(), data=st.binary(max_size=40))
 def test_hostile_header_values_give_only_format_error(header, data):
     with tempfile.TemporaryDirectory() as d:
@@ -287,7 +287,7 @@ def _tiny_hf_dir() -> tuple[bytes, bytes]:
 TINY_CONFIG, TINY_WEIGHTS = _tiny_hf_dir()
 
 
-@settings(max_examples=150, deadline=1000)
+@settings(max_examples=500, deadline=1000)
 @given(content=mutated(TINY_WEIGHTS, 8 + struct.unpack("<Q", TINY_WEIGHTS[:8])[0]))
 def test_mutated_hf_weights_give_only_format_error_from_load_hf(content):
     with tempfile.TemporaryDirectory() as d:
