@@ -19,6 +19,7 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 from corral.errors import TokenizerError
+from corral.tokenizer.base import SpecialTokensMixin
 from corral.tokenizer.llama3 import SPLIT_PATTERN, special_token_regex, split_on_special
 
 # GGUF tokenizer.ggml.token_type values (llama.cpp llama_token_type).
@@ -84,7 +85,7 @@ def byte_level_to_bytes(token: str) -> bytes:
     return bytes(out)
 
 
-class BPETokenizer:
+class BPETokenizer(SpecialTokensMixin):
     """Byte-level BPE with the Corral tokenizer interface.
 
     ``core`` is a ``tokenizers.Tokenizer`` with the BPE model and pre-tokenizer and no added tokens;
@@ -146,14 +147,6 @@ class BPETokenizer:
         except TypeError as e:
             raise TokenizerError(f"token ids must be integers: {e}") from None
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def token_id(self, text: str) -> int:
-        try:
-            return self.special_tokens[text]
-        except KeyError:
-            raise TokenizerError(f"unknown special token {text!r}") from None
 
 
 def _check_id(i: Any, n: int) -> int:

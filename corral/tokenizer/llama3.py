@@ -18,6 +18,7 @@ from pathlib import Path
 import tiktoken
 
 from corral.errors import TokenizerError
+from corral.tokenizer.base import SpecialTokensMixin
 
 # Meta's split pattern (meta-llama/llama3 tokenizer.py); also in REFERENCE.md.
 SPLIT_PATTERN = (
@@ -167,7 +168,7 @@ def split_on_special(text: str, pattern: re.Pattern[str] | None) -> Iterator[tup
         yield text[pos:], False
 
 
-class Llama3Tokenizer:
+class Llama3Tokenizer(SpecialTokensMixin):
     """Meta's Llama 3 tokenizer (tiktoken engine) with the Corral tokenizer interface."""
 
     def __init__(self, ranks: dict[bytes, int], *, name: str = "tokenizer.model"):
@@ -215,14 +216,6 @@ class Llama3Tokenizer:
                 raise TokenizerError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
         return self._enc.decode_bytes(checked)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def token_id(self, text: str) -> int:
-        try:
-            return self.special_tokens[text]
-        except KeyError:
-            raise TokenizerError(f"unknown special token {text!r}") from None
 
 
 def load_llama3_tokenizer(path: str | os.PathLike | None = None) -> Llama3Tokenizer:

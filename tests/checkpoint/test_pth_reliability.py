@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
+from mutations import mutated_bytes
 
 from corral.checkpoint.meta import export_meta, load_meta, meta_shapes, read_pth
 from corral.errors import FormatError
@@ -97,26 +97,9 @@ VALID = _valid_shard()
 PARAMS = json.dumps(TINY.to_params())
 
 
-@st.composite
-def mutated(draw) -> bytes:
-    data = bytearray(VALID)
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["set", "set", "insert", "delete", "truncate"]))
-        pos = draw(st.integers(0, max(0, len(data) - 1)))
-        if kind == "set" and data:
-            data[pos] = draw(st.integers(0, 255))
-        elif kind == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
-        elif kind == "delete":
-            del data[pos:pos + draw(st.integers(1, 16))]
-        else:
-            del data[pos:]
-    return bytes(data)
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes a mutated protocol byte
 @settings(max_examples=1000, deadline=1000)
-@given(content=mutated())
+@given(content=mutated_bytes(VALID))
 def test_mutated_pth_gives_only_format_error(content):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "params.json").write_text(PARAMS)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mutations import mutated_bytes
 
 from corral.checkpoint.hf import export_hf, load_hf
 from corral.checkpoint.meta import meta_shapes
@@ -204,27 +205,8 @@ VALID = _valid_bytes()
 HEADER_END = 8 + struct.unpack("<Q", VALID[:8])[0]
 
 
-@st.composite
-def mutated(draw, base: bytes, hot_end: int) -> bytes:
-    data = bytearray(base)
-    for _ in range(draw(st.integers(1, 4))):
-        # Most edits land in the header (data-byte edits only change values), some anywhere.
-        end = hot_end if draw(st.booleans()) or len(data) <= hot_end else len(data)
-        kind = draw(st.sampled_from(["set", "insert", "delete", "truncate"]))
-        pos = draw(st.integers(0, max(0, min(end, len(data)) - 1)))
-        if kind == "set" and data:
-            data[pos] = draw(st.integers(0, 255))
-        elif kind == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
-        elif kind == "delete":
-            del data[pos:pos + draw(st.integers(1, 8))]
-        else:
-            del data[pos:]
-    return bytes(data)
-
-
 @settings(max_examples=1000, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
-@given(content=mutated(VALID, HEADER_END))
+@given(content=mutated_bytes(VALID, HEADER_END))
 def test_mutated_safetensors_gives_only_format_error(content):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "x.safetensors"
@@ -288,7 +270,7 @@ TINY_CONFIG, TINY_WEIGHTS = _tiny_hf_dir()
 
 
 @settings(max_examples=500, deadline=1000)
-@given(content=mutated(TINY_WEIGHTS, 8 + struct.unpack("<Q", TINY_WEIGHTS[:8])[0]))
+@given(content=mutated_bytes(TINY_WEIGHTS, 8 + struct.unpack("<Q", TINY_WEIGHTS[:8])[0]))
 def test_mutated_hf_weights_give_only_format_error_from_load_hf(content):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_bytes(TINY_CONFIG)
