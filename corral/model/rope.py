@@ -35,15 +35,15 @@ def rope_frequencies(config: ModelConfig, device: torch.device | None = None) ->
 
 
 def rope_angles(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency: (T, head_dim/2) each, float32."""
-    angles = torch.outer(positions.to(torch.float32), freqs)
+    """cos and sin of position * frequency: (..., T, head_dim/2) each, float32, for positions (..., T)."""
+    angles = positions.to(torch.float32)[..., None] * freqs
     return angles.cos(), angles.sin()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x (B, T, H, head_dim) by the angles (T, head_dim/2), in float32."""
+    """Rotate adjacent pairs of x (B, T, H, head_dim) by the angles (T or B, T, head_dim/2), in float32."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads: (T, 1, head_dim/2)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads: (..., T, 1, head_dim/2)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
