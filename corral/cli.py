@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 
@@ -94,6 +95,23 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
 }
+# Modules that add their own subcommands (``add_parsers(sub)``); a module not written yet is skipped.
+SUBCOMMAND_MODULES = ("corral.repl", "corral.store.commands", "corral.train.commands", "corral.benchmark")
+
+
+def _add_module_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    import importlib
+    import importlib.util
+
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            if importlib.util.find_spec(module_name) is None:
+                continue
+        except ModuleNotFoundError:
+            continue
+        module = importlib.import_module(module_name)
+        params = inspect.signature(module.add_parsers).parameters
+        module.add_parsers(sub, [common]) if "parents" in params else module.add_parsers(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,12 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="corral",
         description="Corral: run, serve and train Llama-family models on your own machine.",
         epilog="MODEL is a GGUF file, an HF directory (config.json + safetensors) or a Meta directory "
-        "(params.json + consolidated.*.pth). Without MODEL, the embedded SmolLM2-135M-Instruct is used.",
+        "(params.json + consolidated.*.pth). Without MODEL, the embedded SmolLM2-135M-Instruct is used. "
+        "Stored models live under $CORRAL_HOME (default ~/.corral); see `corral run`, `corral list`.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # --debug is also accepted after the command name; SUPPRESS keeps it from resetting the top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="continue or answer one prompt and exit", description=cmd_generate.__doc__)
+    gen = sub.add_parser("generate", help="continue or answer one prompt and exit", description=cmd_generate.__doc__,
+                         parents=[common])
     gen.add_argument("model_or_prompt", nargs="+", metavar="[MODEL] PROMPT",
                      help="optional model path, then the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -114,12 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("-v", "--verbose", action="store_true", help="print load time and tokens/s to stderr")
     _add_model_and_sampling(gen)
+    gen.set_defaults(handler=COMMANDS["generate"])
 
-    chat = sub.add_parser("chat", help="interactive chat in the terminal", description=cmd_chat.__doc__)
+    chat = sub.add_parser("chat", help="interactive chat in the terminal", description=cmd_chat.__doc__,
+                          parents=[common])
     chat.add_argument("model", nargs="?", default=None, help="model path (default: embedded SmolLM2)")
     chat.add_argument("--system", default=None, help="system message for the whole conversation")
     chat.add_argument("-v", "--verbose", action="store_true", help="print load time to stderr")
     _add_model_and_sampling(chat)
+    chat.set_defaults(handler=COMMANDS["chat"])
+    _add_module_parsers(sub, common)
     return parser
 
 
@@ -132,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("generate takes [MODEL] PROMPT; quote the prompt")
         args.model, args.prompt = (words[0], words[1]) if len(words) == 2 else (None, words[0])
     try:
-        return COMMANDS[args.command](args)
-    except CorralError as exc:
+        return args.handler(args)
+    except (CorralError, OSError) as exc:
+        # OSError: a missing Modelfile, a full disk, a permission: the user's to fix, so one line too.
         if args.debug:
             raise
         print(f"corral: error: {exc}", file=sys.stderr)

@@ -1,0 +1,117 @@
+"""``corral convert`` and ``corral quantize``: rewrite a model's weights in another format or type.
+
+convert loads any checkpoint and writes it with ``corral.checkpoint.export.export_checkpoint``;
+the tokenizer goes along where the target format can hold it as is (GGUF -> GGUF metadata, HF ->
+HF tokenizer files, Meta -> Meta tokenizer.model) and a note says when it cannot.
+
+quantize to GGUF Q8_0 or Q4_0 reads a GGUF tensor by tensor, dequantizes each 2-D weight to
+float32 and requantizes it with ``gguf.quants.quantize`` (ggml's block formats: 32 weights per
+block, one scale; Q4_0 packs 4-bit values, Q8_0 int8); norms stay F32 and rows that are not whole
+blocks become F16, as llama.cpp does. Other sources are first exported as an F32 GGUF.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from corral.checkpoint.atomic import write_atomic
+from corral.errors import CorralError
+
+GGUF_QUANTS = ("Q8_0", "Q4_0")
+RUNTIME_QUANTS = ("int8", "int4")
+_TOKENIZER_FILES = {"hf": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                           "generation_config.json"),
+                    "meta": ("tokenizer.model",)}
+# Keys the GGUF writer sets itself, or that a requantized file must not keep from its source.
+_WRITER_KEYS = {"general.architecture", "general.alignment", "general.file_type"}
+
+
+def convert_checkpoint(source: Path, dest: Path, fmt: str, qtype: str = "F32",
+                       step: Callable[[str], None] | None = None) -> list[str]:
+    """Write `source` (any format Corral loads) as `fmt` at `dest`; returns notes for the user."""
+    import torch
+
+    from corral.checkpoint.export import export_checkpoint
+    from corral.checkpoint.load import load_checkpoint
+
+    if step:
+        step("reading")
+    ckpt = load_checkpoint(source, dtype=torch.float32)
+    if step:
+        step("writing")
+    metadata = ckpt.metadata if ckpt.format == "gguf" else None
+    export_checkpoint(ckpt.config, ckpt.state_dict, dest, fmt, qtype=qtype, metadata=metadata)
+    notes = []
+    if fmt == ckpt.format and fmt in _TOKENIZER_FILES:
+        for name in _TOKENIZER_FILES[fmt]:
+            if (ckpt.path / name).is_file():
+                write_atomic(dest / name, lambda tmp, name=name: shutil.copyfile(ckpt.path / name, tmp))
+    elif fmt != ckpt.format:
+        notes.append(f"the tokenizer is not carried from {ckpt.format} to {fmt}; add its files to {dest} yourself")
+    return notes
+
+
+def _quantize_tensor(data: np.ndarray, qtype: str):
+    """(array, ggml type) for one float32 tensor in torch order."""
+    from gguf.constants import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    target = T[qtype]
+    if data.ndim == 1:
+        return data, T.F32
+    if data.shape[-1] % 32 == 0:
+        return quantize(data, target), target
+    return data.astype(np.float16), T.F16
+
+
+def _write_requantized(src: Path, tmp: Path, qtype: str, tick: Callable[[int], None] | None) -> None:
+    from gguf import GGUFWriter, LlamaFileType
+    from gguf.constants import GGUFValueType
+
+    from corral.checkpoint.gguf_reader import read_gguf
+
+    with read_gguf(src) as g:
+        writer = GGUFWriter(tmp, str(g.metadata.get("general.architecture", "llama")))
+        try:
+            for key, value in g.metadata.items():
+                if key in _WRITER_KEYS:
+                    continue
+                vtype, etype = g.value_types[key]
+                writer.add_key_value(key, value, GGUFValueType(vtype), GGUFValueType(etype) if etype is not None
+                                     else None)
+            writer.add_file_type(LlamaFileType.MOSTLY_Q8_0 if qtype == "Q8_0" else LlamaFileType.MOSTLY_Q4_0)
+            for name, info in g.tensors.items():
+                data = g.tensor(name).numpy()
+                if name == "rope_freqs.weight":
+                    out, ggml_type = data, None
+                else:
+                    out, ggml_type = _quantize_tensor(data, qtype)
+                writer.add_tensor(name, out, raw_dtype=ggml_type)
+                if tick:
+                    tick(info.nbytes)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+
+def quantize_gguf(source: Path, dest: Path, qtype: str, tick: Callable[[int], None] | None = None) -> Path:
+    """Write `source` (a GGUF file, or any checkpoint) as a GGUF with 2-D weights in `qtype` at `dest`."""
+    from corral.checkpoint.load import detect_format
+
+    if qtype not in GGUF_QUANTS:
+        raise CorralError(f"GGUF quantization supports {', '.join(GGUF_QUANTS)}, not {qtype!r}")
+    if detect_format(source) == "gguf" and source.is_file():
+        write_atomic(dest, lambda tmp: _write_requantized(source, tmp, qtype, tick))
+        return dest
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".quantize-") as scratch:
+        f32 = Path(scratch) / "f32.gguf"
+        convert_checkpoint(source, f32, "gguf", "F32")
+        write_atomic(dest, lambda tmp: _write_requantized(f32, tmp, qtype, tick))
+    return dest
