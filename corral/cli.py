@@ -15,8 +15,18 @@ def _add_model_and_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default: 256)")
     p.add_argument("--seed", type=int, default=None, help="fix the sampler's seed for reproducible output")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min_p x the top probability")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen (default: 1.0, off; 1.1 is common)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype after loading (default: float32)")
+    p.add_argument("--quant", choices=["int8", "int4", "gguf"], default=None,
+                   help="weight-only quantized kernels: int8, int4, or gguf (run a GGUF's own 4/8-bit blocks)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster tokens after a compile of a few minutes")
+    p.add_argument("--speculate", default=None, metavar="lookup|DRAFT",
+                   help="speculative greedy decoding: 'lookup' (prompt n-grams) or a draft model path")
 
 
 def _load(args):
@@ -26,14 +36,15 @@ def _load(args):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     started = time.perf_counter()
-    llm = corral.load(args.model, dtype=dtype)
+    llm = corral.load(args.model, dtype=dtype, quant=args.quant, compile=args.compile, speculate=args.speculate)
     if args.verbose:
         print(f"[loaded {llm.name} in {time.perf_counter() - started:.2f} s]", file=sys.stderr)
     return llm
 
 
 def _sampling(args) -> dict:
-    return dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_tokens, seed=args.seed)
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                repetition_penalty=args.repeat_penalty, max_new_tokens=args.max_tokens, seed=args.seed)
 
 
 def _write(text: str) -> None:
@@ -96,7 +107,13 @@ COMMANDS = {
     "chat": cmd_chat,
 }
 # Modules that add their own subcommands (``add_parsers(sub)``); a module not written yet is skipped.
-SUBCOMMAND_MODULES = ("corral.repl", "corral.store.commands", "corral.train.commands", "corral.benchmark")
+SUBCOMMAND_MODULES = (
+    "corral.repl",
+    "corral.store.commands",
+    "corral.train.commands",
+    "corral.train.scaling_commands",
+    "corral.benchmark",
+)
 
 
 def _add_module_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

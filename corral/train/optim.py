@@ -1,0 +1,52 @@
+"""AdamW with linear warmup and cosine decay (the Llama 3 recipe, arXiv 2407.21783 section 3.4.1).
+
+Weight decay applies to matrices only: RMSNorm gains stay undecayed, as in most LLM recipes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from corral.train.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, decaying only those with two or more dims."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # foreach=False: one kernel per tensor is bitwise reproducible across runs and works with DTensor shards.
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                             foreach=False)
+
+
+def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr before optimizer step ``step`` (0-based): linear warmup, cosine to min."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    decay_steps = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, total_steps))
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
+    """The global gradient norm before clipping (clipping skipped when max_norm is 0)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=False)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP/TP: the norm over every shard
+        norm = norm.full_tensor()
+    return float(norm)
