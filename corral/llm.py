@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from corral.checkpoint.base import Checkpoint
-from corral.checkpoint.load import load_checkpoint
+from corral.checkpoint.load import detect_format, load_checkpoint
 from corral.engine.engine import ContextLengthError as ContextLengthError  # re-exported: callers catch it here
 from corral.engine.engine import Engine, completion
 from corral.engine.sampling import SamplingParams
-from corral.errors import CorralError, FormatError, ModelNotFoundError
+from corral.errors import ConfigError, CorralError, FormatError, ModelNotFoundError
 from corral.model.config import ModelConfig
 from corral.model.llama import Transformer
 
@@ -205,18 +205,29 @@ def load(
     same tokenizer; greedy requests then decode several tokens per forward.
     """
     path = Path(path) if path is not None else default_model_path()
-    ckpt = load_checkpoint(path, dtype=dtype)
-    model = build_model(ckpt.config, ckpt.state_dict)
-    if quant is not None:
-        from corral.model.quant import quantize_
-
-        quantize_(model, quant)
+    ckpt, model = _load_model(path, dtype, quant)
     tokenizer, add_bos = load_tokenizer_for(ckpt)
     chat_format = chat_format_for(ckpt, tokenizer)
     llm = LLM(model, tokenizer, chat_format, add_bos=add_bos, name=path.name)
     llm.engine = Engine(model, tokenizer, stop_ids=llm.stop_ids, max_batch_size=max_batch_size,
                         max_seq_len=max_seq_len, drafter=_drafter(speculate, dtype), compile=compile)
     return llm
+
+
+def _load_model(path: Path, dtype: torch.dtype | None, quant: str | None) -> tuple[Checkpoint, Transformer]:
+    from corral.checkpoint.gguf import load_gguf_quantized
+    from corral.model.quant import apply_gguf_quant_, quantize_
+
+    if quant == "gguf":  # run the file's own 4/8-bit blocks instead of widening them at load
+        if detect_format(path) != "gguf":
+            raise ConfigError(f"quant='gguf' needs a GGUF file; {path.name} is not one (try int8 or int4)")
+        ckpt, raw = load_gguf_quantized(path, dtype=dtype or torch.float32)
+        return ckpt, apply_gguf_quant_(build_model(ckpt.config, ckpt.state_dict), raw)
+    ckpt = load_checkpoint(path, dtype=dtype)
+    model = build_model(ckpt.config, ckpt.state_dict)
+    if quant is not None:
+        quantize_(model, quant)  # an unknown scheme is a ConfigError naming the choices
+    return ckpt, model
 
 
 def _drafter(speculate: str | Path | None, dtype: torch.dtype | None):

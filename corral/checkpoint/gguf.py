@@ -15,7 +15,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,7 +25,8 @@ from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
 from corral.model.rope import rope_frequencies
 
-__all__ = ["GGUF_TO_META", "GGUFFile", "TensorInfo", "config_from_gguf", "load_gguf", "read_gguf"]
+__all__ = ["GGUF_TO_META", "GGUFFile", "RawTensor", "TensorInfo", "config_from_gguf", "load_gguf",
+           "load_gguf_quantized", "read_gguf"]
 
 # GGUF tensor name -> Meta name; "{i}" is the layer index.
 GGUF_TO_META: dict[str, str] = {
@@ -207,3 +208,45 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Ch
             state_dict[meta] = gguf.tensor(name, dtype)
         return Checkpoint(config=config, state_dict=state_dict, format="gguf", path=Path(path),
                           metadata=gguf.metadata)
+
+
+class RawTensor(NamedTuple):
+    """A GGUF weight kept as its stored blocks."""
+
+    ggml_type: int
+    data: torch.Tensor
+    """Flat uint8 copy of the tensor's bytes."""
+    shape: tuple[int, ...]
+    """Torch order, e.g. (out, in)."""
+
+
+# Types corral.model.quant.apply_gguf_quant_ runs without widening: Q4_0, Q4_1, Q8_0 (ggml.h ids).
+NATIVE_QUANT_TYPES = (2, 3, 8)
+_NATIVE_LINEAR = re.compile(r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight")
+
+
+def load_gguf_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32
+                        ) -> tuple[Checkpoint, dict[str, RawTensor]]:
+    """Like ``load_gguf``, but linear weights stored as Q4_0/Q4_1/Q8_0 stay as raw blocks.
+
+    Their ``state_dict`` slots hold meta tensors of the right shape, so the model builds on the meta device
+    as usual; ``corral.model.quant.apply_gguf_quant_(model, raw)`` then fills them. In a tied model a
+    quantized ``tok_embeddings.weight`` is both loaded dense (for the lookup) and returned raw (for the output).
+    """
+    with read_gguf(path) as gguf:
+        config = config_from_gguf(gguf)
+        state_dict: dict[str, torch.Tensor] = {}
+        raw: dict[str, RawTensor] = {}
+        for meta, name in _tensor_names(gguf, config).items():
+            info = gguf.tensors[name]
+            native = info.ggml_type in NATIVE_QUANT_TYPES
+            tied_output = meta == "tok_embeddings.weight" and config.tie_embeddings
+            if native and (_NATIVE_LINEAR.fullmatch(meta) or tied_output):
+                raw[meta] = RawTensor(info.ggml_type, torch.from_numpy(gguf.raw(name).copy()), info.shape)
+                if meta != "tok_embeddings.weight":
+                    state_dict[meta] = torch.empty(info.shape, dtype=dtype, device="meta")
+                    continue
+            state_dict[meta] = gguf.tensor(name, dtype)
+        ckpt = Checkpoint(config=config, state_dict=state_dict, format="gguf", path=Path(path),
+                          metadata=gguf.metadata)
+        return ckpt, raw

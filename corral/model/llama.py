@@ -141,8 +141,9 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight).float()
+        if self.output is None:  # tied: project with the embedding matrix
+            return F.linear(h, self.tok_embeddings.weight).float()
+        return self.output(h).float()  # a module call, so a quantized output layer runs its own kernel
 
 
 def causal_mask(start_pos: int, T: int, device: torch.device) -> torch.Tensor:
