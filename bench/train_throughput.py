@@ -1,19 +1,23 @@
 """Training tokens/s: Corral's train step vs a plain transformers LlamaForCausalLM loop.
 
-    python bench/train_throughput.py                                   # configs/pretrain/debug.toml shape
-    python bench/train_throughput.py --bytes --compile                 # byte vocabulary: the blocks dominate
+    python bench/train_throughput.py --threads 1                       # configs/pretrain/debug.toml shape
+    python bench/train_throughput.py --threads 1 --compile --hf-compile   # both sides torch.compile'd
+    python bench/train_throughput.py --threads 1 --bytes --compile --hf-compile   # byte vocabulary
     python bench/train_throughput.py --set model.dim=256 --steps 30 --json
 
 Both sides get the same model shape (translated to a LlamaConfig), the same initial weights
 (Corral's, copied through the HF key map), the same token batches (the config's corpus
 through Corral's loader), AdamW with the same hyperparameters, gradient clipping at 1.0,
 fp32, the same torch thread count, in the same process one after the other. Corral runs its
-real ``train_step`` (corral.train.pretrain) on the model ``setup`` built (so with the
-config's activation checkpointing / compile); transformers runs the loop a user would write:
-``model(input_ids).logits`` -> cross-entropy -> backward -> clip -> step. The two alternate
-step by step on the same batch (a shared machine's load then hits both alike). The first
-``--warmup`` steps (compilation, allocator warm-up) are not timed; the figure is the median
-step time over the rest.
+real ``train_step`` (corral.train.pretrain) on what ``setup`` built: the fused chunked
+output-projection + cross-entropy (corral.train.loss), fused AdamW, and with ``--compile``
+the whole trunk compiled as one graph. transformers runs the loop a user would write:
+``model(input_ids).logits`` -> cross-entropy -> backward -> clip -> step, with
+``torch.compile(model)`` under ``--hf-compile`` and torch's default AdamW (``--hf-fused-adamw``
+gives it the fused AdamW too). Compare compiled with compiled: ``--compile --hf-compile``.
+The two alternate step by step on the same batch (a shared machine's load then hits both
+alike). The first ``--warmup`` steps (compilation, allocator warm-up) are not timed; the
+figure is the median step time over the rest.
 """
 
 from __future__ import annotations
@@ -54,9 +58,9 @@ def byte_shard_config(config, out_dir: Path):
     return dataclasses.replace(config, data=data)
 
 
-def hf_step(model, opt, inputs, targets, grad_clip: float) -> None:
+def hf_step(forward, model, opt, inputs, targets, grad_clip: float) -> None:
     """The loop a transformers user writes: logits -> cross-entropy -> backward -> clip -> step."""
-    logits = model(input_ids=inputs).logits  # (B, T, vocab)
+    logits = forward(input_ids=inputs).logits  # (B, T, vocab)
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -64,7 +68,7 @@ def hf_step(model, opt, inputs, targets, grad_clip: float) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def measure(config, n: int) -> tuple[list[float], list[float]]:
+def measure(config, n: int, hf_fused: bool = False, hf_compile: bool = False) -> tuple[list[float], list[float]]:
     """Step times of both sides, alternating step by step on the same batch, so that a busy
     machine's load changes hit both equally."""
     from corral.model.llama import Transformer, init_weights_
@@ -78,15 +82,16 @@ def measure(config, n: int) -> tuple[list[float], list[float]]:
     model = hf_model(config, init_weights_(Transformer(config.model)))  # Corral's initial weights
     o = config.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay)
+                            weight_decay=o.weight_decay, fused=hf_fused or None)
     model.train()
+    forward = torch.compile(model) if hf_compile else model
     corral_times, hf_times = [], []
     for _ in range(n):
         batch = run.loader.next_batch()  # (B, T) inputs and targets
         t0 = time.perf_counter()
         train_step(run, [batch], guard)
         t1 = time.perf_counter()
-        hf_step(model, opt, *batch, o.grad_clip)
+        hf_step(forward, model, opt, *batch, o.grad_clip)
         corral_times.append(t1 - t0)
         hf_times.append(time.perf_counter() - t1)
     return corral_times, hf_times
@@ -123,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(REPO / "configs" / "pretrain" / "debug.toml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--bytes", action="store_true", help="byte-level data and vocabulary 256")
-    p.add_argument("--compile", action="store_true", help="Corral compiles each block (train.compile)")
+    p.add_argument("--compile", action="store_true", help="Corral compiles its trunk (train.compile)")
+    p.add_argument("--hf-compile", action="store_true", help="transformers runs torch.compile(model)")
+    p.add_argument("--hf-fused-adamw", action="store_true", help="give transformers fused AdamW as well")
     p.add_argument("--steps", type=int, default=20, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
     p.add_argument("--threads", type=int, default=2)
@@ -134,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args, tmp)
         if args.bytes:
             config = byte_shard_config(config, Path(tmp))
-        times, hf_times = measure(config, args.steps + args.warmup)
+        times, hf_times = measure(config, args.steps + args.warmup, args.hf_fused_adamw, args.hf_compile)
     tokens = config.data.batch_size * config.data.seq_len
     corral_tps = tokens / statistics.median(times[args.warmup:])
     hf_tps = tokens / statistics.median(hf_times[args.warmup:])
     report = {"config": args.config, "bytes": args.bytes, "compile": args.compile, "threads": args.threads,
+              "hf_compile": args.hf_compile, "hf_fused_adamw": args.hf_fused_adamw,
               "model": {k: getattr(config.model, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
                                                                "vocab_size", "tie_embeddings")},
               "batch": [config.data.batch_size, config.data.seq_len], "steps": args.steps,

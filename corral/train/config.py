@@ -72,7 +72,12 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     """"none", "full" or "selective": recompute activations in backward (corral.train.parallel.apply_ac)."""
     compile: bool = False
-    """torch.compile each block (corral.train.parallel.apply_compile)."""
+    """torch.compile the model: one process compiles everything before the output projection as one graph
+    (corral.train.loss.build_loss); with a device mesh each block is compiled (corral.train.parallel.apply_compile)."""
+    loss_chunk_rows: int = 256
+    """Rows of logits computed at once by the fused output-projection + cross-entropy (corral.train.loss), which
+    never holds the whole (tokens, vocab) logits; 0 takes the reference path (full logits from the model's forward).
+    Used by one process; with a device mesh (FSDP, TP, pipeline) the reference path is always taken."""
     log_every: int = 1
     """Write a metrics record every this many steps."""
     val_every: int = 0
@@ -183,6 +188,8 @@ def check_choices(config: PretrainConfig) -> None:
         raise ConfigError(f"parallel.dp must be positive or -1; got {config.parallel.dp}")
     if config.optim.lr <= 0 or not 0 <= config.optim.min_lr_ratio <= 1:
         raise ConfigError("optim.lr must be positive and optim.min_lr_ratio in [0, 1]")
+    if config.train.loss_chunk_rows < 0:
+        raise ConfigError(f"train.loss_chunk_rows must be 0 or positive; got {config.train.loss_chunk_rows}")
     if config.data.seq_len > config.model.max_seq_len:
         raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}")
 

@@ -80,6 +80,8 @@ class Run:
     dp_size: int = 1
     pipe: Any = None
     pp_mesh: Any = None
+    loss_fn: Any = None
+    """loss(inputs, targets) -> mean next-token loss, built by setup (corral.train.loss); unused by a pipeline."""
     n_params: int = 0
     flops_per_token: float = 0.0
     peak_flops: float | None = None
@@ -106,7 +108,6 @@ def _mean_over_world(value, run: Run):
 def train_step(run: Run, batches: list, guard, inject_nan: bool = False) -> StepStats:
     """One optimizer step over ``grad_accum`` micro-batches; the update is skipped if the guard objects."""
     import torch
-    import torch.nn.functional as F
 
     from corral.train.parallel import clip_grad_norm_
     from corral.train.pipeline import pipeline_step
@@ -119,17 +120,17 @@ def train_step(run: Run, batches: list, guard, inject_nan: bool = False) -> Step
             loss = pipeline_step(run.pipe, inputs, targets)  # forward and backward through every stage
         else:
             with _autocast(run):
-                logits = run.model(inputs)  # (B, T, vocab) float32
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+                loss = run.loss_fn(inputs, targets)  # mean over B*T; float32
             if inject_nan:
                 loss = loss * float("nan")
             (loss / len(batches)).backward()
         total += loss.detach().float()
     if inject_nan:
         total = total * float("nan")
-    loss = float(_mean_over_world(total / len(batches), run))
+    loss = _mean_over_world(total / len(batches), run)
     clip = run.config.optim.grad_clip or math.inf
-    grad_norm = float(clip_grad_norm_(run.model.parameters(), clip, run.pp_mesh))
+    grad_norm = clip_grad_norm_(run.model.parameters(), clip, run.pp_mesh)
+    loss, grad_norm = torch.stack([loss, grad_norm.to(loss.device)]).tolist()  # the step's one host sync
     verdict = guard.verdict(loss)
     if verdict is None:
         run.optimizer.step()
@@ -142,7 +143,6 @@ def train_step(run: Run, batches: list, guard, inject_nan: bool = False) -> Step
 def evaluate(run: Run) -> float | None:
     """Mean loss over the first ``val_batches`` validation batches (the same ones every time)."""
     import torch
-    import torch.nn.functional as F
 
     from corral.train.pipeline import pipeline_step
 
@@ -161,8 +161,7 @@ def evaluate(run: Run) -> float | None:
                 total += pipeline_step(run.pipe, inputs, targets, train=False)
             else:
                 with _autocast(run):
-                    logits = run.model(inputs)
-                total += F.cross_entropy(logits.flatten(0, 1), targets.flatten()).float()
+                    total += run.loss_fn(inputs, targets).float()
     return float(_mean_over_world(total / n, run))
 
 

@@ -92,14 +92,26 @@ def _parallel_model(model: Transformer, config: PretrainConfig, mesh):
 
         module = build_stage_module(model, pp_mesh)
     dtype = torch.bfloat16 if config.train.dtype == "bfloat16" and mesh_dim(mesh, "dp") is not None else None
-    parallelize(module, mesh, ac=config.train.activation_checkpointing, compile=config.train.compile,
-                param_dtype=dtype)
+    # One process compiles the whole trunk as one graph in _loss_fn instead of each block here.
+    parallelize(module, mesh, ac=config.train.activation_checkpointing,
+                compile=config.train.compile and mesh is not None, param_dtype=dtype)
     pipe = None
     if pp_mesh is not None:
         from corral.train.pipeline import build_pipeline
 
         pipe = build_pipeline(module, pp_mesh, config.parallel.pp_microbatches, config.parallel.pp_schedule)
     return module, pipe, pp_mesh
+
+
+def _loss_fn(module, config: PretrainConfig, mesh):
+    """loss(inputs, targets) for train_step and evaluate (a pipeline computes its loss in its last stage)."""
+    from corral.train.loss import build_loss, reference_loss
+
+    if mesh is not None:
+        # FSDP gathers the root's parameters (embedding, norm, output) in hooks around the model's own forward;
+        # TP and pipeline stages are kept on the path the parallel tests check against one process.
+        return lambda inputs, targets: reference_loss(module, inputs, targets)
+    return build_loss(module, config.train.loss_chunk_rows, compile=config.train.compile)
 
 
 def setup(config: PretrainConfig) -> Run:
@@ -128,12 +140,12 @@ def setup(config: PretrainConfig) -> Run:
         model = init_weights_(Transformer(config.model))
     n_params = sum(p.numel() for p in model.parameters())
     module, pipe, pp_mesh = _parallel_model(model, config, mesh)
-    optimizer = build_optimizer(module, config.optim)
+    optimizer = build_optimizer(module, config.optim, fused=mesh is None)
     scheduler = build_scheduler(optimizer, config.optim, config.train.steps)
     return Run(config=config, model=module, optimizer=optimizer, scheduler=scheduler, loader=loader,
                val_loader=val_loader, device=device, rank=rank, world=world, dp_size=dp_size, pipe=pipe,
-               pp_mesh=pp_mesh, n_params=n_params, flops_per_token=flops_per_token(config),
-               peak_flops=peak_flops(config, device))
+               pp_mesh=pp_mesh, loss_fn=_loss_fn(module, config, mesh), n_params=n_params,
+               flops_per_token=flops_per_token(config), peak_flops=peak_flops(config, device))
 
 
 def resume_path(config: PretrainConfig) -> Path | None:

@@ -119,7 +119,7 @@ def test_planned_runs_spend_their_budget_within_step_limits():
 
 
 def test_committed_sweep_predicts_held_out_run_within_5_percent():
-    """tests/data/scaling: 11 runs written by `corral scaling sweep configs/scaling/tiny.toml` and the
+    """tests/data/scaling: 14 runs written by `corral scaling sweep configs/scaling/tiny.toml` and the
     held-out target written by `corral scaling check` (see docs/scaling.md). Refit, predict, compare."""
     runs, _ = load_runs(DATA / "tiny_sweep.json")
     held_out = ScalingRun(**json.loads((DATA / "tiny_check.json").read_text())["run"])
@@ -129,6 +129,10 @@ def test_committed_sweep_predicts_held_out_run_within_5_percent():
     predicted = law.loss(held_out.n_params, held_out.tokens)
     assert abs(predicted - held_out.val_loss) / held_out.val_loss < 0.05
     assert 0 < law.alpha < 2 and 0 < law.beta < 2 and math.isfinite(law.E)
+    # Not degenerate: an irreducible loss well above 0, and the smallest budget's optimum inside its profile.
+    assert 1.0 < law.E < min(r.val_loss for r in runs)
+    smallest = [r.n_params for r in runs if r.budget == min(r.budget for r in runs)]
+    assert min(smallest) < law.optimum(min(r.budget for r in runs))[0] < max(smallest)
 
 
 def _cli(argv: list[str]) -> int:
