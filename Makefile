@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.corral-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check corral tests scripts bench
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The benchmark needs llama-cpp-python, which compiles llama.cpp (10-25 minutes on 2 cores), so
+# only `make bench` installs it; the tests that use it skip without it.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet "llama-cpp-python==0.3.36"
+	$(PY) bench/engine.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check corral tests scripts bench
