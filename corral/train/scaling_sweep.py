@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from corral.errors import ConfigError
+from corral.train.config import read_toml
 from corral.train.scaling import ScalingRun, load_runs, non_embedding_params, save_runs
 
 
@@ -51,12 +51,7 @@ class SweepConfig:
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """A SweepConfig from TOML; unknown keys and ill-typed values are ConfigErrors naming the key."""
-    try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"scaling config not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "scaling config")
     known = {f.name: f for f in dataclasses.fields(SweepConfig)}
     for key, value in raw.items():
         if key not in known:
