@@ -118,12 +118,7 @@ def parse_manifest(data: bytes, path: str | None = None) -> Manifest:
     """Check a manifest completely and return it; FormatError names the first field that is wrong."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError(f"manifest is {len(data)} bytes; the limit is {MAX_MANIFEST_BYTES}", path=path)
-    try:
-        body = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"manifest is not valid JSON ({exc})", path=path) from None
-    if not isinstance(body, dict):
-        raise FormatError("manifest is not a JSON object", path=path)
+    body = _json_object(data, "manifest", path)
     if body.get("schemaVersion") != SCHEMA_VERSION:
         raise FormatError(f"must be {SCHEMA_VERSION}, got {body.get('schemaVersion')!r}", path=path,
                           field="schemaVersion")
@@ -144,10 +139,14 @@ def parse_manifest(data: bytes, path: str | None = None) -> Manifest:
 
 def parse_config(data: bytes, path: str | None = None) -> dict:
     """The config blob: a small JSON object (model_format, model_family, file_type, ...)."""
+    return _json_object(data, "model config", path)
+
+
+def _json_object(data: bytes, what: str, path: str | None) -> dict:
     try:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"model config is not valid JSON ({exc})", path=path) from None
+        raise FormatError(f"{what} is not valid JSON ({exc})", path=path) from None
     if not isinstance(body, dict):
-        raise FormatError("model config is not a JSON object", path=path)
+        raise FormatError(f"{what} is not a JSON object", path=path)
     return body
