@@ -5,9 +5,24 @@
     llm.chat([{"role": "user", "content": "What is the capital of France?"}]).text
 """
 
-from corral.engine.engine import Completion, Engine
-from corral.engine.sampling import SamplingParams
-from corral.errors import CorralError, FormatError
-from corral.llm import LLM, GenerationResult, load
+from importlib import import_module
 
-__all__ = ["LLM", "Completion", "CorralError", "Engine", "FormatError", "GenerationResult", "SamplingParams", "load"]
+# Imported on first use (PEP 562), so `import corral.errors` or the benchmark's llama.cpp child does
+# not pay for torch; `corral.load` and friends behave as plain attributes.
+_PUBLIC = {
+    "LLM": "corral.llm",
+    "GenerationResult": "corral.llm",
+    "load": "corral.llm",
+    "Engine": "corral.engine.engine",
+    "Completion": "corral.engine.engine",
+    "SamplingParams": "corral.engine.sampling",
+    "CorralError": "corral.errors",
+    "FormatError": "corral.errors",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'corral' has no attribute {name!r}")

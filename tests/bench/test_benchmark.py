@@ -10,6 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from corral import bench_runtimes as runtimes
 from corral import benchmark as bench
 from corral.benchmark import BenchSpec, ChildResult
 from corral.checkpoint.gguf import expected_shapes
@@ -182,11 +183,11 @@ def test_llamacpp_batched_path_matches_one_sequence_at_a_time(tiny_gguf):
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(str(tiny_gguf), n_threads=1, n_threads_batch=1, n_ctx=256, n_batch=128, verbose=False)
     prompts = [[258, 10, 11, 12], [258, 40, 41], [258, 70, 71, 72, 73, 74]]
-    single = [bench.llamacpp_single(llm, p, 6)[0] for p in prompts]
-    ctx = bench.llamacpp_context(llm, len(prompts), 1)
-    batched = bench.llamacpp_batched(llm, ctx, prompts, 6)
+    single = [runtimes.llamacpp_single(llm, p, 6)[0] for p in prompts]
+    ctx = runtimes.llamacpp_context(llm, len(prompts), 1)
+    batched = runtimes.llamacpp_batched(llm, ctx, prompts, 6)
     assert batched == single
-    assert bench.llamacpp_batched(llm, ctx, prompts, 6) == single  # the context is cleared between calls
+    assert runtimes.llamacpp_batched(llm, ctx, prompts, 6) == single  # the context is cleared between calls
     assert all(len(out) == 6 for out in batched)
     assert len({tuple(out) for out in batched}) > 1  # different prompts, different continuations
 
