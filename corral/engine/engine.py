@@ -13,8 +13,9 @@ import itertools
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,8 @@ class Request:
     text: TextStream | None = None
     generator: torch.Generator | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    constraint: Any = None
+    """A corral.engine.constrain Constraint (mask / advance / complete) limiting what may come next, or None."""
     _seen: torch.Tensor | None = None
     _counts: torch.Tensor | None = None
 
@@ -113,13 +116,19 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------------
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, *, stop: Sequence[str] = (),
-               stop_ids: Iterable[int] | None = None) -> list[Request]:
-        """Queue a prompt; returns its params.n requests (n samples share one prefill)."""
+               stop_ids: Iterable[int] | None = None, constraint_factory: Callable[[], Any] | None = None,
+               ) -> list[Request]:
+        """Queue a prompt; returns its params.n requests (n samples share one prefill).
+
+        constraint_factory, when given, makes one Constraint per request (constrained decoding, e.g. JSON).
+        """
         prompt = self.check_prompt(prompt, params)
         stops = frozenset(stop_ids) if stop_ids is not None else self.stop_ids
         requests = []
         for i in range(params.n):
             req = Request(list(prompt), params, stops, tuple(s for s in stop if s), id=next(self._ids))
+            if constraint_factory is not None:
+                req.constraint = constraint_factory()
             if self.tokenizer is not None:
                 req.text = TextStream(req.stop)
             if params.seed is not None:  # sample i of a seeded request gets seed + i: reproducible, yet distinct
@@ -278,12 +287,14 @@ class Engine:
 
     def _can_speculate(self, req: Request) -> bool:
         p = req.params
-        return (self.drafter is not None and p.greedy and not p.penalized and not p.logit_bias
-                and p.logprobs is None)
+        return (self.drafter is not None and req.constraint is None and p.greedy and not p.penalized
+                and not p.logit_bias and p.logprobs is None)
 
     # -- tokens out ---------------------------------------------------------------------------------
 
     def _emit_many(self, reqs: list[Request], logits: torch.Tensor) -> list[Event]:
+        if any(r.constraint is not None for r in reqs):
+            logits = torch.stack([_constrained(r, row) for r, row in zip(reqs, logits)])
         history = [self._history(r) for r in reqs]
         choices = choose(logits, [r.params for r in reqs], [r.generator for r in reqs], history)
         return [self._emit(r, None, c) for r, c in zip(reqs, choices)]
@@ -291,6 +302,7 @@ class Engine:
     def _emit(self, req: Request, logits: torch.Tensor | None, choice: Choice | None = None) -> Event:
         """Record one chosen token for req (choosing it from logits (vocab,) if needed) and check the ends."""
         if choice is None:
+            logits = _constrained(req, logits)
             choice = choose(logits[None], [req.params], [req.generator], [self._history(req)])[0]
         token, p = choice.token, req.params
         if token in req.stop_ids and not p.ignore_eos:
@@ -308,6 +320,11 @@ class Engine:
             if req.text.stopped:
                 self._finish(req, "stop")
                 return Event(req, choice, text)
+        if req.constraint is not None:
+            req.constraint.advance(token)
+            if req.constraint.complete():  # a whole value: nothing more may follow
+                self._finish(req, "stop")
+                return Event(req, choice, text + self._flush(req))
         if len(req.output) >= p.max_new_tokens or req.pos + 1 >= self.max_seq_len:
             self._finish(req, "length")
             text += self._flush(req)
@@ -361,6 +378,20 @@ class Engine:
         finally:
             if not req.done:
                 self.cancel(req)
+
+
+def _constrained(req: Request, logits: torch.Tensor) -> torch.Tensor:
+    """logits (vocab,) with what req's constraint forbids set to -inf (stop ids are let through only at a dead end)."""
+    if req.constraint is None:
+        return logits
+    allowed = req.constraint.mask()
+    if allowed is None:
+        return logits
+    allowed = allowed.to(logits.device)
+    if not bool(allowed.any()):  # the constraint has nowhere to go: let the request end rather than emit garbage
+        allowed = torch.zeros_like(allowed)
+        allowed[list(req.stop_ids)] = True
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def completion(req: Request) -> Completion:
