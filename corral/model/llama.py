@@ -109,7 +109,10 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # Weights come from init_weights_ or a loader, so the table is left uninitialised: on the meta
+        # device a normal_ init would import torch's decompositions first (about 2 s of load time).
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim,
+                                           _weight=torch.empty(config.vocab_size, config.dim))
         self.layers = nn.ModuleList(Block(i, config) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Tied models (Llama 3.2 1B/3B) project with the embedding matrix and have no `output` weight.
