@@ -231,7 +231,7 @@ def load_gguf_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.floa
 
     Their ``state_dict`` slots hold meta tensors of the right shape, so the model builds on the meta device
     as usual; ``corral.model.quant.apply_gguf_quant_(model, raw)`` then fills them. In a tied model a
-    quantized ``tok_embeddings.weight`` is both loaded dense (for the lookup) and returned raw (for the output).
+    quantized ``tok_embeddings.weight`` stays raw too: it serves both the lookup and the output projection.
     """
     with read_gguf(path) as gguf:
         config = config_from_gguf(gguf)
@@ -243,9 +243,8 @@ def load_gguf_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.floa
             tied_output = meta == "tok_embeddings.weight" and config.tie_embeddings
             if native and (_NATIVE_LINEAR.fullmatch(meta) or tied_output):
                 raw[meta] = RawTensor(info.ggml_type, torch.from_numpy(gguf.raw(name).copy()), info.shape)
-                if meta != "tok_embeddings.weight":
-                    state_dict[meta] = torch.empty(info.shape, dtype=dtype, device="meta")
-                    continue
+                state_dict[meta] = torch.empty(info.shape, dtype=dtype, device="meta")
+                continue
             state_dict[meta] = gguf.tensor(name, dtype)
         ckpt = Checkpoint(config=config, state_dict=state_dict, format="gguf", path=Path(path),
                           metadata=gguf.metadata)

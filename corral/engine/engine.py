@@ -101,7 +101,7 @@ class Engine:
         self.config = model.config
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
         self.stop_ids = frozenset(stop_ids)
-        weight = model.tok_embeddings.weight
+        weight = model.norm.weight
         self.device = weight.device
         self.cache = SlotCache(self.config, max_batch_size, self.max_seq_len, dtype=weight.dtype, device=self.device)
         self.slots: list[Request | None] = [None] * max_batch_size

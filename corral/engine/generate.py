@@ -41,8 +41,8 @@ def generate_tokens(
     budget = min(params.max_new_tokens, context - len(prompt_ids))
     if budget <= 0:
         return
-    dtype = model.tok_embeddings.weight.dtype
-    device = model.tok_embeddings.weight.device
+    dtype = model.norm.weight.dtype
+    device = model.norm.weight.device
     cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=dtype, device=device)
     generator = None
     if params.seed is not None:

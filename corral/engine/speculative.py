@@ -83,7 +83,7 @@ class DraftModel(DrafterStats):
     def __init__(self, model: Transformer, max_seq_len: int | None = None):
         super().__init__()
         self.model = model
-        weight = model.tok_embeddings.weight
+        weight = model.norm.weight
         length = max_seq_len or model.config.max_seq_len
         self.cache = SlotCache(model.config, 1, length, dtype=weight.dtype, device=weight.device)
         self.kept: list[int] = []
@@ -100,7 +100,7 @@ class DraftModel(DrafterStats):
             reuse += 1
         self.cache.reserve(1, len(ctx) + k + 1)
         fed, start, out = ctx[reuse:], reuse, []
-        device = self.model.tok_embeddings.weight.device
+        device = self.model.norm.weight.device
         for _ in range(k):
             cache = self.cache.view(slice(0, 1), start + len(fed))
             logits = self.model(torch.tensor([fed], device=device), start_pos=start, cache=cache, last_only=True)

@@ -24,7 +24,7 @@ from corral.errors import ConfigError
 from corral.llm import build_model, default_model_path
 from corral.model.config import PRESETS
 from corral.model.llama import Transformer, init_weights_
-from corral.model.quant import BLOCK_LINEARS, Int4Linear, Int8Linear, apply_gguf_quant_, gguf_linear, quantize_
+from corral.model.quant import BLOCK_LINEARS, BlockEmbedding, Int4Linear, Int8Linear, apply_gguf_quant_, gguf_linear, quantize_
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "smollm2_llamacpp_top1.json"
 TINY = dataclasses.replace(PRESETS["debug"], n_layers=2, vocab_size=512, max_seq_len=64)
@@ -205,15 +205,30 @@ def test_gguf_quantized_load_builds_native_modules_that_match_the_dense_load(tmp
     linears = {f"layers.{i}.{p}.weight" for i in range(TINY.n_layers) for p in BLOCK_LINEARS}
     assert set(raw) == linears | {"tok_embeddings.weight" if tied else "output.weight"}
     assert all(ckpt.state_dict[n].is_meta for n in linears)
-    assert not ckpt.state_dict["tok_embeddings.weight"].is_meta
+    assert ckpt.state_dict["tok_embeddings.weight"].is_meta == tied  # a tied table stays in blocks
     native = apply_gguf_quant_(build_model(ckpt.config, ckpt.state_dict), raw)
     assert isinstance(native.output, Int8Linear)
+    assert isinstance(native.tok_embeddings, BlockEmbedding) == tied
     dense_ckpt = load_gguf(path)
     dense = build_model(dense_ckpt.config, dense_ckpt.state_dict)
     tokens = torch.arange(20).view(1, 20)
     with torch.no_grad():
         # Per-row int8 re-quantization of the Q8_0 output plus bf16 activations: measured 0.023 on logits up to 0.8.
         assert (native(tokens) - dense(tokens)).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_block_embedding_lookup_equals_the_dense_dequantized_rows(qtype):
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    kind = GGMLQuantizationType[qtype]
+    table = torch.randn(50, 64).numpy()
+    blocks = quants.quantize(table, kind)  # gguf-py's own numpy quantizer: an independent source of blocks
+    dense = torch.from_numpy(quants.dequantize(blocks, kind).astype(np.float32))
+    emb = BlockEmbedding(int(kind), torch.from_numpy(blocks.copy()).view(-1), (50, 64), torch.float32)
+    tokens = torch.tensor([[0, 5, 5, 49], [3, 2, 1, 0]])
+    assert torch.equal(emb(tokens), dense[tokens])
 
 
 def test_apply_gguf_quant_refuses_a_model_left_with_meta_weights(tmp_path):
