@@ -24,7 +24,15 @@ from corral.errors import ConfigError
 from corral.llm import build_model, default_model_path
 from corral.model.config import PRESETS
 from corral.model.llama import Transformer, init_weights_
-from corral.model.quant import BLOCK_LINEARS, BlockEmbedding, Int4Linear, Int8Linear, apply_gguf_quant_, gguf_linear, quantize_
+from corral.model.quant import (
+    BLOCK_LINEARS,
+    BlockEmbedding,
+    Int4Linear,
+    Int8Linear,
+    apply_gguf_quant_,
+    gguf_linear,
+    quantize_,
+)
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "smollm2_llamacpp_top1.json"
 TINY = dataclasses.replace(PRESETS["debug"], n_layers=2, vocab_size=512, max_seq_len=64)
@@ -219,13 +227,12 @@ def test_gguf_quantized_load_builds_native_modules_that_match_the_dense_load(tmp
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 def test_block_embedding_lookup_equals_the_dense_dequantized_rows(qtype):
-    import numpy as np
-    from gguf import GGMLQuantizationType, quants
+    from gguf.quants import dequantize as gguf_dequantize
 
-    kind = GGMLQuantizationType[qtype]
+    kind = T[qtype]
     table = torch.randn(50, 64).numpy()
-    blocks = quants.quantize(table, kind)  # gguf-py's own numpy quantizer: an independent source of blocks
-    dense = torch.from_numpy(quants.dequantize(blocks, kind).astype(np.float32))
+    blocks = gguf_quantize(table, kind)  # gguf-py's own numpy quantizer: an independent source of blocks
+    dense = torch.from_numpy(gguf_dequantize(blocks, kind).astype(np.float32))
     emb = BlockEmbedding(int(kind), torch.from_numpy(blocks.copy()).view(-1), (50, 64), torch.float32)
     tokens = torch.tensor([[0, 5, 5, 49], [3, 2, 1, 0]])
     assert torch.equal(emb(tokens), dense[tokens])
