@@ -113,6 +113,7 @@ SUBCOMMAND_MODULES = (
     "corral.train.commands",
     "corral.train.scaling_commands",
     "corral.benchmark",
+    "corral.server.commands",
 )
 
 

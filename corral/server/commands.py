@@ -1,0 +1,102 @@
+"""``corral serve``: the OpenAI- and Ollama-compatible HTTP server (the CLI contract's add_parsers)."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """Serve models over HTTP: the OpenAI API under /v1 (chat/completions, completions, embeddings,
+models), the Ollama API under /api, a chat page at /, /health and /metrics (Prometheus).
+
+Models are stored names (`corral list`; the embedded smollm2:135m registers itself) loaded on
+first use, kept for --keep-alive after their last request, and evicted least-recently-used past
+--max-loaded. Each model decodes up to --parallel requests together; --queue more may wait, and
+anything beyond gets 503 at once."""
+
+EPILOG = """examples:
+  corral serve                                  # 127.0.0.1:11435, embedded SmolLM2 on demand
+  corral serve --model llama3.2:1b --parallel 8 # preload a stored model; it becomes the default
+  CORRAL_API_KEY=secret corral serve --host 0.0.0.0:8080
+  curl localhost:11435/v1/chat/completions -d '{"model":"smollm2:135m","messages":[{"role":"user","content":"Hi"}]}'
+
+environment: CORRAL_HOST (host:port, default 127.0.0.1:11435), CORRAL_API_KEY, CORRAL_HOME (the store),
+CORRAL_QUANT (default --quant). See docs/server.md."""
+
+
+def add_parsers(sub: argparse._SubParsersAction, parents: list | None = None) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI/Ollama-compatible HTTP server", description=DESCRIPTION,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=parents or [])
+    p.add_argument("--host", default=None, metavar="HOST[:PORT]",
+                   help="address to bind (default: $CORRAL_HOST or 127.0.0.1:11435); binding beyond loopback "
+                        "without an API key prints a warning")
+    p.add_argument("--port", type=int, default=None, help="port (overrides the one in --host / CORRAL_HOST)")
+    p.add_argument("--model", action="append", default=None, metavar="NAME|PATH",
+                   help="load at start (repeatable); the first is the default for requests naming no model. "
+                        "A file path is served under its file name")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="requests decoded together per model, one KV cache slot each (default: 4)")
+    p.add_argument("--queue", type=int, default=None, metavar="N",
+                   help="requests that may wait for a slot per model before new ones get 503 (default: 64)")
+    p.add_argument("--max-loaded", type=int, default=None, metavar="N",
+                   help="models kept in memory at once; the least recently used is evicted (default: 2)")
+    p.add_argument("--keep-alive", default=None, metavar="DUR",
+                   help="how long an idle model stays loaded: seconds or 5m, 1h30m; negative = forever, "
+                        "0 = unload after each request (default: 5m)")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="context per request slot (default: the model's own)")
+    p.add_argument("--quant", choices=["int8", "int4", "gguf"], default=None,
+                   help="weight-only quantization for models stored without one (default: $CORRAL_QUANT or none)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight dtype after loading (default: float32)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every route but /health (default: $CORRAL_API_KEY)")
+    p.add_argument("--max-body", type=int, default=None, metavar="BYTES",
+                   help="largest request body accepted; larger gets 413 (default: 8 MiB)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: info)")
+    p.set_defaults(handler=cmd_serve)
+
+
+def config_from_args(args):
+    """ServeConfig from flags over CORRAL_* variables over defaults; bad values are ConfigError."""
+    import os
+
+    from corral.errors import ConfigError
+    from corral.server.state import ServeConfig, parse_keep_alive, split_host_port
+
+    config = ServeConfig.from_env()
+    if args.host:
+        config.host, config.port = split_host_port(args.host, config.port)
+    if args.port is not None:
+        config.port = args.port
+    for flag, attr in (("parallel", "parallel"), ("queue", "max_queue"), ("max_loaded", "max_loaded"),
+                       ("context", "context_length"), ("max_body", "max_body_bytes")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < (0 if flag == "queue" else 1):
+                raise ConfigError(f"--{flag.replace('_', '-')} must be at least {0 if flag == 'queue' else 1}, "
+                                  f"got {value}")
+            setattr(config, attr, value)
+    if args.keep_alive is not None:
+        config.keep_alive = parse_keep_alive(args.keep_alive, "--keep-alive")
+    config.quant = args.quant or os.environ.get("CORRAL_QUANT") or None
+    if config.quant not in (None, "int8", "int4", "gguf"):
+        raise ConfigError(f"CORRAL_QUANT must be int8, int4 or gguf, got {config.quant!r}")
+    config.dtype = args.dtype
+    config.api_key = args.api_key or config.api_key
+    config.preload = list(args.model or [])
+    return config
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from corral.server.app import build_app
+    from corral.server.security import warn_if_exposed
+    from corral.server.state import ServerState
+
+    config = config_from_args(args)
+    warn_if_exposed(config)
+    app = build_app(ServerState.create(config))
+    host = config.host.strip("[]")
+    uvicorn.run(app, host=host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
