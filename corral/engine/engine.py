@@ -322,7 +322,7 @@ class Engine:
                 return Event(req, choice, text)
         if req.constraint is not None:
             req.constraint.advance(token)
-            if req.constraint.complete():  # a whole value: nothing more may follow
+            if req.constraint.complete() and not _can_continue(req.constraint):  # a whole value, nothing may follow
                 self._finish(req, "stop")
                 return Event(req, choice, text + self._flush(req))
         if len(req.output) >= p.max_new_tokens or req.pos + 1 >= self.max_seq_len:
@@ -388,10 +388,16 @@ def _constrained(req: Request, logits: torch.Tensor) -> torch.Tensor:
     if allowed is None:
         return logits
     allowed = allowed.to(logits.device)
-    if not bool(allowed.any()):  # the constraint has nowhere to go: let the request end rather than emit garbage
-        allowed = torch.zeros_like(allowed)
-        allowed[list(req.stop_ids)] = True
+    # A whole value may end here (a number could also go on), and a dead end ends rather than emit garbage.
+    if req.constraint.complete() or not bool(allowed.any()):
+        allowed = allowed.clone()
+        allowed[[t for t in req.stop_ids if t < allowed.numel()]] = True
     return logits.masked_fill(~allowed, float("-inf"))
+
+
+def _can_continue(constraint) -> bool:
+    allowed = constraint.mask()
+    return allowed is not None and bool(allowed.any())
 
 
 def completion(req: Request) -> Completion:

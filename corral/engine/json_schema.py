@@ -4,8 +4,9 @@ Supported: type (one name or a list), object (properties, required, additionalPr
 false / a schema), array (items, minItems, maxItems), string (minLength, maxLength), number,
 integer, boolean, null, enum and const of any JSON value, anyOf / oneOf, allOf with one member,
 $ref to "#", "#/$defs/..." or "#/definitions/...", nullable (OpenAPI). Annotations (title,
-description, default, examples, format, ...) are ignored, as JSON Schema allows. Keywords that
-would be silently broken (pattern, minimum, uniqueItems, ...) raise `SchemaError` up front.
+description, default, examples, format, ...) and unknown keywords are ignored, as JSON Schema
+says. Validation keywords that cannot be enforced while decoding (pattern, minimum, uniqueItems,
+... : UNSUPPORTED) raise `SchemaError` up front, naming the keyword.
 
 Choices made for the model's output (documented in docs/constrained.md):
 - keys come in declared order; optional ones may be skipped; required ones must appear;
@@ -29,11 +30,6 @@ MAX_KEY = 128
 
 K_UNION, K_OBJECT, K_ARRAY, K_STRING, K_NUMBER, K_LITERAL, K_PENDING = range(7)
 
-ANNOTATIONS = frozenset({
-    "title", "description", "default", "examples", "format", "$schema", "$id", "$comment", "deprecated",
-    "readOnly", "writeOnly", "contentMediaType", "contentEncoding", "$defs", "definitions", "$anchor",
-})
-"""Keywords that never constrain the value (format is an annotation unless a validator opts in)."""
 UNSUPPORTED = frozenset({
     "pattern", "patternProperties", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
     "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "propertyNames",
@@ -95,7 +91,7 @@ def literal(values: list[Any], where: str = "#", keyword: str = "enum") -> Node:
     return Node(K_LITERAL, choices=choices, by_first=by_first)
 
 
-def object_node(props: list[tuple[bytes, Node]], required: set[bytes], extra: Node | None, key_max: int = MAX_KEY) -> Node:
+def object_node(props: list[tuple[bytes, Node]], required: set[bytes], extra: Node | None) -> Node:
     """Per position idx (how many declared keys are behind us) precompute what may come next."""
     n = len(props)
     cands, required_left = [], []
@@ -103,7 +99,7 @@ def object_node(props: list[tuple[bytes, Node]], required: set[bytes], extra: No
         upto = next((j for j in range(idx, n) if props[j][0] in required), n - 1)
         cands.append(tuple((props[j][0], j) for j in range(idx, min(upto + 1, n))))
         required_left.append(any(props[j][0] in required for j in range(idx, n)))
-    key_spec = StrSpec(1 if props else 0, key_max, key=True, exclude=frozenset(p[0] for p in props))
+    key_spec = StrSpec(0, MAX_KEY, key=bool(props), exclude=frozenset(p[0] for p in props))
     return Node(K_OBJECT, props=tuple(props), extra=extra, cands=tuple(cands), required_left=tuple(required_left),
                 more_keys=tuple(idx < n or extra is not None for idx in range(n + 1)), key_spec=key_spec)
 

@@ -20,6 +20,8 @@ CPU int4 needs out_features % 16 == 0 and in_features % group_size == 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -249,13 +251,16 @@ def gguf_linear(ggml_type: int, data: torch.Tensor, shape: tuple[int, int],
 
 
 def apply_gguf_quant_(model: nn.Module, quantized: dict, *, compute_dtype: torch.dtype = torch.bfloat16,
-                      device: torch.device | str | None = None, include_output: bool = True) -> nn.Module:
+                      device: torch.device | str | None = None, include_output: bool = True,
+                      make_linear: Callable[[int, torch.Tensor, tuple[int, int]], nn.Module] | None = None,
+                      ) -> nn.Module:
     """Put GGUF blocks to work in place of dense linears; returns the model.
 
     ``quantized`` maps Meta weight names to (ggml_type, flat uint8 blocks, shape), as returned by
     ``corral.checkpoint.gguf.load_gguf_quantized``. Block linears and ``output`` named there are replaced;
     a ``tok_embeddings.weight`` entry becomes a BlockEmbedding (rows widened on lookup) and, in a tied
-    model, also gives the model its quantized ``output``.
+    model, also gives the model its quantized ``output``. ``make_linear(ggml_type, blocks, shape)``
+    builds each module instead of torch's kernels (``corral.kernels.linear.gguf_linear`` does).
     """
     for name, (ggml_type, data, shape) in quantized.items():
         module_name = name.removesuffix(".weight")
@@ -270,7 +275,10 @@ def apply_gguf_quant_(model: nn.Module, quantized: dict, *, compute_dtype: torch
             raise ConfigError("output.weight came quantized; load it dense to leave the output projection alone")
         parent_name, _, attr = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, gguf_linear(ggml_type, data, tuple(shape), compute_dtype, device))
+        if make_linear is not None:
+            setattr(parent, attr, make_linear(ggml_type, data, tuple(shape)))
+        else:
+            setattr(parent, attr, gguf_linear(ggml_type, data, tuple(shape), compute_dtype, device))
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise ConfigError(f"weights without data after apply_gguf_quant_: {still_meta[:3]}")

@@ -160,7 +160,8 @@ class _OnlyTokens:
 
     def mask(self):
         allowed = torch.zeros(self.vocab, dtype=torch.bool)
-        allowed[self.wanted[len(self.out)]] = True
+        if len(self.out) < len(self.wanted):  # all False once complete: nothing may follow
+            allowed[self.wanted[len(self.out)]] = True
         return allowed
 
     def advance(self, token: int) -> None:

@@ -1,0 +1,401 @@
+/* Corral's CPU kernels for weights in blocks of 32 (GGUF's Q4_0, Q4_1 and Q8_0 arithmetic).
+
+   y[m, n] = sum_k x[m, k] * w[n, k], with w in blocks of QK = 32 along k:
+     Q4 (Q4_0, Q4_1): w = d * q + mn, q in 0..15   (Q4_0 stores no mins: mn = -8 d)
+     Q8 (Q8_0):       w = d * q,      q in -128..127
+   Each activation row is quantised per block of 32 like Q8_0: xd = max|x| / 127, xq = round(x / xd),
+   so one block adds   xd * (d * sum(q * xq)  +  mn * sum(xq)).
+   The integer dot runs in SIMD lanes (maddubs: u8 x s8 -> s16 pairs, madd: -> s32), the rest in fp32.
+
+   Weight layout, repacked at load by corral/kernels/linear.py: rows in tiles of TR = 4,
+     Q4 qs [T][nb][4 chunks][TR][4]  bytes. A row's block is 16 bytes as in GGUF (byte j: element j in the
+                                     low nibble, element j + 16 in the high one); chunk c holds bytes
+                                     4c..4c+3 of the tile's four rows, so after maddubs and madd every
+                                     int32 lane belongs to one row: lanes (r0 r1 r2 r3 | r0 r1 r2 r3).
+     Q8 qs [T][nb][TR][32]           int8, row by row.
+     d, mn [T][nb][TR]               fp16
+   so a tile streams from one address range and a block's 4 scales are one 8-byte load.
+   Rows past N in the last tile are zero blocks with zero scales.
+   The Q4 kernel reads the activations expanded to match the chunks (xe, 128 bytes per block, see
+   expand_row_q4): each 4-byte group of x repeated for the four rows.
+
+   Threads: OpenMP. Loaded after torch, the library binds to the libgomp torch already holds (same
+   soname), so torch's ops and these kernels share one thread pool instead of two fighting pools. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CORRAL_AVX2 1
+#include <immintrin.h>
+#else
+#define CORRAL_AVX2 0
+#endif
+
+#define QK 32     /* elements per block */
+#define TR 4      /* weight rows per tile */
+#define MXQ4 4    /* activation rows per pass over a Q4 tile */
+#define MXQ8 2    /* and over a Q8 tile (its four row accumulators per x row fill the registers sooner) */
+#define MCHUNK 64 /* activation rows per pass over the weights (keeps them in L2) */
+
+enum { KIND_Q4 = 0, KIND_Q8 = 1 };
+
+typedef struct {
+    int kind;
+    int64_t K, N, nb, T;
+    const uint8_t *qs;
+    const uint16_t *d, *mn; /* mn NULL: Q4_0 (mn = -8 d) or Q8 */
+} weights;
+
+typedef struct {
+    int64_t M;
+    const int8_t *xq; /* (M, K) */
+    const int8_t *xe; /* (M, 4 K): Q4 only, xq expanded for the chunked layout */
+    const float *xd;  /* (M, nb) activation block scales */
+    const float *xs;  /* (M, nb) sum(xq) of each block, as a float */
+    float *y;         /* (M, N) */
+} acts;
+
+int corral_kernels_simd(void) { return CORRAL_AVX2; }
+
+int corral_kernels_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    float f;
+    if (exp == 0) { /* zero or subnormal: man * 2^-24 */
+        f = (float)man * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? (sign | 0x7F800000u | (man << 13)) : (sign | ((exp + 112u) << 23) | (man << 13));
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* ---------------------------------------------------------------- scalar reference path */
+
+static void quant_row_scalar(const float *x, int64_t nb, int8_t *q, float *xd, float *xs) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < QK; i++) {
+            int v = (int)nearbyintf(xb[i] * id);
+            q[b * QK + i] = (int8_t)v;
+            sum += v;
+        }
+        xd[b] = d;
+        xs[b] = (float)sum;
+    }
+}
+
+/* One weight row (tile t, row r) against one activation row. */
+static float dot_row_scalar(const weights *w, int64_t t, int r, const int8_t *xq, const float *xd, const float *xs) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < w->nb; b++) {
+        int64_t s = (t * w->nb + b) * TR + r;
+        const int8_t *xb = xq + b * QK;
+        int isum = 0;
+        if (w->kind == KIND_Q4) {
+            const uint8_t *p = w->qs + (t * w->nb + b) * TR * 16 + r * 4; /* byte j at chunk j/4, offset j%4 */
+            for (int j = 0; j < 16; j++) {
+                uint8_t v = p[(j / 4) * 16 + j % 4];
+                isum += (v & 0x0F) * xb[j] + (v >> 4) * xb[j + 16];
+            }
+        } else {
+            const int8_t *p = (const int8_t *)(w->qs + s * 32);
+            for (int j = 0; j < QK; j++) isum += p[j] * xb[j];
+        }
+        float d = half_to_float(w->d[s]);
+        acc += (float)isum * (d * xd[b]);
+        if (w->kind == KIND_Q4) acc += (w->mn ? half_to_float(w->mn[s]) : -8.0f * d) * (xd[b] * xs[b]);
+    }
+    return acc;
+}
+
+static void tile_scalar(const weights *w, int64_t t, const acts *a, int64_t m) {
+    for (int r = 0; r < TR && t * TR + r < w->N; r++)
+        a->y[m * w->N + t * TR + r] =
+            dot_row_scalar(w, t, r, a->xq + m * w->K, a->xd + m * w->nb, a->xs + m * w->nb);
+}
+
+/* ---------------------------------------------------------------- AVX2 path */
+#if CORRAL_AVX2
+
+static void quant_row_avx2(const float *x, int64_t nb, int8_t *q, float *xd, float *xs) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undo the lane interleave of packs */
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * QK;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+        __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, absmask), _mm256_and_ps(v1, absmask)),
+                                 _mm256_max_ps(_mm256_and_ps(v2, absmask), _mm256_and_ps(v3, absmask)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float d = _mm_cvtss_f32(h) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256 vid = _mm256_set1_ps(id);
+        /* cvtps rounds to nearest even, as nearbyintf does in the scalar path */
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        s4 = _mm_hadd_epi32(s4, s4);
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(q + b * QK), _mm256_permutevar8x32_epi32(p, order));
+        xd[b] = d;
+        xs[b] = (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* Q8 tile prologue: dsc[i][b][r] = d[b][r] * xd_i[b] for mx activation rows. */
+static inline __attribute__((always_inline)) void tile_scales(const weights *w, int64_t t, int mx, const float *xd,
+                                                              float *dsc) {
+    const int64_t nb = w->nb;
+    const uint16_t *dt = w->d + t * nb * TR;
+    for (int i = 0; i < mx; i++) {
+        const float *xdi = xd + i * nb;
+        float *di = dsc + i * nb * TR;
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2) { /* two blocks x four rows = one vector */
+            __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dt + b * TR)));
+            __m256 xdv = _mm256_set_m128(_mm_set1_ps(xdi[b + 1]), _mm_set1_ps(xdi[b]));
+            _mm256_storeu_ps(di + b * TR, _mm256_mul_ps(dv, xdv));
+        }
+        if (b < nb) /* odd block count: the last block alone */
+            _mm_storeu_ps(di + b * TR, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(dt + b * TR))),
+                                                  _mm_set1_ps(xdi[b])));
+    }
+}
+
+/* 4 fp16 (8 bytes) -> (f0 f1 f2 f3 | f0 f1 f2 f3) */
+static inline __m256 load_half4_twice(const uint16_t *p) {
+    int64_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm256_cvtph_ps(_mm_set1_epi64x(v));
+}
+
+/* xq block (32 int8 as 8 words w0..w7 of 4) -> 4 vectors matching the Q4 chunks (lo: elements 0-15,
+   hi: 16-31): (w0 x4 | w1 x4), (w4 x4 | w5 x4), (w2 x4 | w3 x4), (w6 x4 | w7 x4). */
+static void expand_row_q4(const int8_t *xq, int64_t nb, int8_t *xe) {
+    const __m256i i0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i1 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5);
+    const __m256i i2 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3), i3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        __m256i *o = (__m256i *)(xe + b * 4 * QK);
+        _mm256_storeu_si256(o, _mm256_permutevar8x32_epi32(v, i0));
+        _mm256_storeu_si256(o + 1, _mm256_permutevar8x32_epi32(v, i1));
+        _mm256_storeu_si256(o + 2, _mm256_permutevar8x32_epi32(v, i2));
+        _mm256_storeu_si256(o + 3, _mm256_permutevar8x32_epi32(v, i3));
+    }
+}
+
+/* acc lanes (r0 r1 r2 r3 | r0 r1 r2 r3) -> y[m + i][n0 .. n0 + 3] (fewer in the last tile) */
+static inline void store_tile(const acts *a, int64_t N, int64_t row, int64_t n0, __m256 acc) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    float *yrow = a->y + row * N + n0;
+    if (n0 + TR <= N) {
+        _mm_storeu_ps(yrow, s);
+    } else {
+        float tmp[TR];
+        _mm_storeu_ps(tmp, s);
+        for (int r = 0; n0 + r < N; r++) yrow[r] = tmp[r];
+    }
+}
+
+/* One Q4 tile (4 weight rows) against mx activation rows from row m. mx is a constant after inlining,
+   so the loops unroll and the accumulators stay in registers. Per block and x row: 4 maddubs whose
+   int16 sums add without overflow (4 x 2 x 15 x 127 < 32767), one madd, one convert, then in fp32
+   acc += xd * (d * isum + mn * sum(xq) / 2), the min term halved because both lane halves carry it. */
+static inline __attribute__((always_inline)) void tile_q4(const weights *w, int64_t t, const acts *a, int64_t m,
+                                                          int mx) {
+    const int64_t nb = w->nb, K = w->K;
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+    const uint16_t *dt = w->d + t * nb * TR, *mt = w->mn ? w->mn + t * nb * TR : NULL;
+    const uint8_t *q = w->qs + t * nb * TR * 16;
+    const int8_t *xe = a->xe + m * 4 * K;
+    const float *xd = a->xd + m * nb, *xs = a->xs + m * nb;
+    __m256 acc[MXQ4];
+    for (int i = 0; i < mx; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256 d8 = load_half4_twice(dt + b * TR);
+        __m256 h8 = mt ? _mm256_mul_ps(load_half4_twice(mt + b * TR), _mm256_set1_ps(0.5f))
+                       : _mm256_mul_ps(d8, _mm256_set1_ps(-4.0f)); /* Q4_0: mn / 2 = -4 d */
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(q + b * 64));
+        __m256i v1 = _mm256_loadu_si256((const __m256i *)(q + b * 64 + 32));
+        __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+        __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+        for (int i = 0; i < mx; i++) {
+            const __m256i *x = (const __m256i *)(xe + i * 4 * K + b * 4 * QK);
+            __m256i p = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256(x)),
+                                 _mm256_maddubs_epi16(hi0, _mm256_loadu_si256(x + 1))),
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_loadu_si256(x + 2)),
+                                 _mm256_maddubs_epi16(hi1, _mm256_loadu_si256(x + 3))));
+            __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+            __m256 blk = _mm256_fmadd_ps(f, d8, _mm256_mul_ps(h8, _mm256_set1_ps(xs[i * nb + b])));
+            acc[i] = _mm256_fmadd_ps(blk, _mm256_set1_ps(xd[i * nb + b]), acc[i]);
+        }
+    }
+    for (int i = 0; i < mx; i++) store_tile(a, w->N, m + i, t * TR, acc[i]);
+}
+
+/* One Q8 tile: rows are separate streams; the weight's sign moves onto the activation for maddubs. */
+static inline __attribute__((always_inline)) void tile_q8(const weights *w, int64_t t, const acts *a, int64_t m,
+                                                          int mx, float *dsc) {
+    const int64_t nb = w->nb, K = w->K;
+    const __m256i ones = _mm256_set1_epi16(1);
+    tile_scales(w, t, mx, a->xd + m * nb, dsc);
+    __m256 acc[MXQ8][TR];
+    for (int i = 0; i < mx; i++)
+        for (int r = 0; r < TR; r++) acc[i][r] = _mm256_setzero_ps();
+    const uint8_t *q = w->qs + t * nb * TR * 32;
+    const int8_t *xq = a->xq + m * K;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv[MXQ8];
+        for (int i = 0; i < mx; i++) xv[i] = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK));
+        for (int r = 0; r < TR; r++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (b * TR + r) * 32));
+            __m256i aw = _mm256_sign_epi8(wv, wv);
+            for (int i = 0; i < mx; i++) {
+                __m256i prod = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wv));
+                __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+                acc[i][r] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(dsc + (i * nb + b) * TR + r), acc[i][r]);
+            }
+        }
+    }
+    for (int i = 0; i < mx; i++) {
+        /* hadd twice: (sum r0, sum r1, sum r2, sum r3) split over the two lanes */
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
+        store_tile(a, w->N, m + i, t * TR, h);
+    }
+}
+
+static void tile_q4_1(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q4(w, t, a, m, 1); }
+static void tile_q4_2(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q4(w, t, a, m, 2); }
+static void tile_q4_3(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q4(w, t, a, m, 3); }
+static void tile_q4_4(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q4(w, t, a, m, 4); }
+static void tile_q8_1(const weights *w, int64_t t, const acts *a, int64_t m, float *dsc) {
+    tile_q8(w, t, a, m, 1, dsc);
+}
+static void tile_q8_2(const weights *w, int64_t t, const acts *a, int64_t m, float *dsc) {
+    tile_q8(w, t, a, m, 2, dsc);
+}
+#endif /* CORRAL_AVX2 */
+
+/* ---------------------------------------------------------------- driver */
+
+void corral_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *xd, float *xs, int simd) {
+    int64_t nb = K / QK;
+    for (int64_t m = 0; m < M; m++) {
+#if CORRAL_AVX2
+        if (simd) {
+            quant_row_avx2(x + m * K, nb, q + m * K, xd + m * nb, xs + m * nb);
+            continue;
+        }
+#endif
+        (void)simd;
+        quant_row_scalar(x + m * K, nb, q + m * K, xd + m * nb, xs + m * nb);
+    }
+}
+
+/* The work of thread `tid` of `nt`: its share of activation rows to quantise, a barrier, then its
+   contiguous range of weight tiles against all rows (in chunks of MCHUNK rows). */
+static void run_thread(const weights *w, const float *x, const acts *a, float *dsc, int simd, int tid, int nt) {
+    int64_t m0 = a->M * tid / nt, m1 = a->M * (tid + 1) / nt;
+    corral_quantize_rows(x + m0 * w->K, m1 - m0, w->K, (int8_t *)a->xq + m0 * w->K, (float *)a->xd + m0 * w->nb,
+                         (float *)a->xs + m0 * w->nb, simd);
+#if CORRAL_AVX2
+    if (simd && w->kind == KIND_Q4)
+        for (int64_t m = m0; m < m1; m++) expand_row_q4(a->xq + m * w->K, w->nb, (int8_t *)a->xe + m * 4 * w->K);
+#endif
+#pragma omp barrier
+    int64_t t0 = w->T * tid / nt, t1 = w->T * (tid + 1) / nt;
+    for (int64_t mc = 0; mc < a->M; mc += MCHUNK) {
+        int64_t mend = mc + MCHUNK < a->M ? mc + MCHUNK : a->M;
+        for (int64_t t = t0; t < t1; t++) {
+            int64_t m = mc;
+#if CORRAL_AVX2
+            if (simd && w->kind == KIND_Q4) {
+                static void (*const rest[4])(const weights *, int64_t, const acts *, int64_t) = {
+                    NULL, tile_q4_1, tile_q4_2, tile_q4_3};
+                for (; m + 4 <= mend; m += 4) tile_q4_4(w, t, a, m);
+                if (m < mend) rest[mend - m](w, t, a, m);
+                continue;
+            }
+            if (simd) {
+                for (; m + 2 <= mend; m += 2) tile_q8_2(w, t, a, m, dsc);
+                if (m < mend) tile_q8_1(w, t, a, m, dsc);
+                continue;
+            }
+#endif
+            for (; m < mend; m++) tile_scalar(w, t, a, m);
+        }
+    }
+}
+
+/* y (M, N) = x (M, K) @ w.T. kind: 0 = Q4 (mn NULL means Q4_0), 1 = Q8. nthreads: the most threads to use
+   (the caller passes torch.get_num_threads()); small products run on one, where waking a second costs
+   more than it saves. simd: 0 forces the scalar path. Returns 0, or -1 if memory ran out. */
+int corral_matmul(int kind, const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *qs, const uint16_t *d,
+                  const uint16_t *mn, float *y, int nthreads, int simd, int64_t min_work_per_thread) {
+    int64_t nb = K / QK, T = (N + TR - 1) / TR;
+    weights w = {kind, K, N, nb, T, qs, d, kind == KIND_Q4 ? mn : NULL};
+    int64_t work = M * N * K, nt = nthreads < 1 ? 1 : nthreads;
+    if (min_work_per_thread > 0 && work / min_work_per_thread < nt) nt = work / min_work_per_thread;
+    if (nt > T) nt = T;
+    if (nt < 1) nt = 1;
+#if CORRAL_AVX2
+    simd = simd != 0;
+#else
+    simd = 0;
+#endif
+    /* one allocation: xq (M, K) int8 | xe (M, 4K) int8 (Q4 SIMD only) | xd, xs (M, nb) fp32
+       | per-thread dsc (MXQ8, nb, TR) fp32 */
+    size_t xq_bytes = ((size_t)(M * K) + 63) & ~(size_t)63;
+    size_t xe_bytes = simd && kind == KIND_Q4 ? 4 * xq_bytes : 0;
+    size_t dsc_floats = (size_t)(MXQ8 * nb * TR);
+    char *buf = malloc(xq_bytes + xe_bytes + sizeof(float) * (2 * (size_t)(M * nb) + (size_t)nt * dsc_floats));
+    if (!buf) return -1;
+    float *xd = (float *)(buf + xq_bytes + xe_bytes), *xs = xd + M * nb, *dsc = xs + M * nb;
+    acts a = {M, (const int8_t *)buf, (const int8_t *)(buf + xq_bytes), xd, xs, y};
+    if (nt == 1) {
+        run_thread(&w, x, &a, dsc, simd, 0, 1);
+    } else {
+#pragma omp parallel num_threads(nt)
+        {
+#ifdef _OPENMP
+            int tid = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+            int tid = 0, team = 1;
+#endif
+            run_thread(&w, x, &a, dsc + (size_t)tid * dsc_floats, simd, tid, team);
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* The same for a module's weights described once: desc = {kind, K, N, qs, d, mn, min_work_per_thread}
+   (pointers as integers). Six arguments instead of twelve: ctypes converts each one on every call. */
+int corral_linear(const int64_t *desc, const float *x, int64_t M, float *y, int nthreads, int simd) {
+    return corral_matmul((int)desc[0], x, M, desc[1], desc[2], (const uint8_t *)(intptr_t)desc[3],
+                         (const uint16_t *)(intptr_t)desc[4], (const uint16_t *)(intptr_t)desc[5], y, nthreads,
+                         simd, desc[6]);
+}
