@@ -25,6 +25,14 @@ OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 OPEN_PREFIXES = ("/corral/static/",)
 BODY_LIMITS = {"/corral/api/import": 64 << 20}
 """Routes allowed more than the server's max_body_bytes (the chat page's conversation import)."""
+UNLIMITED_BODY = 1 << 62
+
+
+def body_limit(path: str, default: int) -> int:
+    """Blob uploads stream to disk and are hashed on the way (a model is gigabytes); the rest get a limit."""
+    if path.startswith("/api/blobs/") or (path.startswith("/v2/") and path.endswith("/blobs/uploads/")):
+        return UNLIMITED_BODY
+    return BODY_LIMITS.get(path, default)
 
 
 class BodyTooLarge(HTTPError):
@@ -80,7 +88,7 @@ class Guard:
             status, body = error_body(refusal, dialect_of(path))
             extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             return await JSONResponse(body, status_code=status, headers=extra)(scope, receive, send)
-        limit = BODY_LIMITS.get(path, self.config.max_body_bytes)
+        limit = body_limit(path, self.config.max_body_bytes)
         await self.app(scope, _limited(receive, limit), send)
 
     def _refusal(self, path: str, headers: dict[str, str]) -> HTTPError | None:
@@ -94,7 +102,7 @@ class Guard:
                 return HTTPError("missing or wrong API key (send Authorization: Bearer <key>)", status=401,
                                  code="invalid_api_key")
         length = headers.get("content-length")
-        limit = BODY_LIMITS.get(path, self.config.max_body_bytes)
+        limit = body_limit(path, self.config.max_body_bytes)
         if length is not None and (not length.strip().isdigit() or int(length) > limit):
             return BodyTooLarge(limit)
         return None

@@ -197,6 +197,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_ps(args) -> int:
+    """Models a running server holds, as `ollama ps` shows them: NAME, ID, SIZE, PROCESSOR, UNTIL."""
     import urllib.error
     import urllib.request
 
@@ -204,40 +205,90 @@ def cmd_ps(args) -> int:
 
     host = os.environ.get("CORRAL_HOST") or DEFAULT_HOST
     url = (host if "://" in host else f"http://{host}").rstrip("/") + "/api/ps"
+    request = urllib.request.Request(url, headers=_auth_headers())
     try:
-        with urllib.request.urlopen(url, timeout=3) as response:
+        with urllib.request.urlopen(request, timeout=3) as response:
             body = json.loads(response.read(1 << 20))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise CorralError(f"no Corral server answers at {host} ({getattr(exc, 'reason', exc)}); "
                           "start one with `corral serve` or set CORRAL_HOST") from None
     models = body.get("models", []) if isinstance(body, dict) else []
-    print(f"{'NAME':<32}{'SIZE':<12}UNTIL")
-    for m in models:
-        print(f"{str(m.get('name', '?')):<32}{human_size(m.get('size', 0)):<12}{m.get('expires_at', '')}")
+    rows = [(str(m.get("name", "?")), str(m.get("digest", "")).removeprefix("sha256:")[:12],
+             human_size(m.get("size") or 0), _processor(m.get("size") or 0, m.get("size_vram") or 0),
+             _until(m.get("expires_at"))) for m in models if isinstance(m, dict)]
+    header = ("NAME", "ID", "SIZE", "PROCESSOR", "UNTIL")
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    for row in [header, *rows]:
+        print("    ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
+
+
+def _auth_headers() -> dict:
+    key = os.environ.get("CORRAL_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _processor(size: int, vram: int) -> str:
+    if size <= 0 or vram <= 0:
+        return "100% CPU"
+    if vram >= size:
+        return "100% GPU"
+    gpu = round(100 * vram / size)
+    return f"{100 - gpu}%/{gpu}% CPU/GPU"
+
+
+def _until(expires_at) -> str:
+    """Ollama's UNTIL column: "Forever", "Stopping...", or "4 minutes from now"."""
+    import datetime
+
+    if not expires_at:
+        return "Forever"
+    try:
+        when = datetime.datetime.fromisoformat(str(expires_at).replace("Z", "+00:00"))
+    except ValueError:
+        return str(expires_at)
+    left = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+    if left <= 0:
+        return "Stopping..."
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if left >= size:
+            n = int(left // size)
+            return f"{n} {unit}{'s' if n > 1 else ''} from now"
+    return "Less than a second from now"
+
+
+def _server(location: str) -> str | None:
+    """The server URL when location names one (http(s)://... or host:port) rather than a path."""
+    from corral.store.remote import server_url
+
+    return None if Path(location).exists() else server_url(location)
 
 
 def _open_store_dir(location: str):
     from corral.errors import ModelNotFoundError
     from corral.store import Store
-    from corral.store.transfer import refuse_urls
 
-    refuse_urls(location)
     if not Path(location).is_dir():
         raise ModelNotFoundError(f"no store directory at {location}")
     return Store(location)
 
 
 def cmd_pull(args) -> int:
-    """Copy a model from another store (a directory holding models/, e.g. another CORRAL_HOME) or a .tar."""
+    """Copy a model from another store (a directory holding models/, e.g. another CORRAL_HOME), a .tar,
+    or a Corral server (http(s)://host:port or host:port)."""
     import tarfile
 
-    from corral.store.transfer import copy_between, import_archive, refuse_urls
+    from corral.store.transfer import copy_between, import_archive
 
-    refuse_urls(args.source)
     started = time.perf_counter()
     with Bars() as bars:
-        if Path(args.source).is_file() and tarfile.is_tarfile(args.source):
+        if (url := _server(args.source)) is not None:
+            from corral.store import remote
+
+            names = [remote.pull(_store(), f"{url}/{args.name}", local_name=args.as_name,
+                                 api_key=os.environ.get("CORRAL_API_KEY"),
+                                 progress=lambda digest, total: bars(digest[7:19], total))]
+        elif Path(args.source).is_file() and tarfile.is_tarfile(args.source):
             names = import_archive(_store(), Path(args.source), args.as_name, bars)
         else:
             names = [copy_between(_open_store_dir(args.source), args.name, _store(), args.as_name, bars)]
@@ -246,14 +297,19 @@ def cmd_pull(args) -> int:
 
 
 def cmd_push(args) -> int:
-    """Copy a model to another store directory, or to a .tar archive when DEST ends in .tar."""
+    """Copy a model to another store directory, to a .tar archive when DEST ends in .tar, or to a Corral
+    server (http(s)://host:port or host:port)."""
     from corral.store import Store
-    from corral.store.transfer import copy_between, export_archive, refuse_urls
+    from corral.store.transfer import copy_between, export_archive
 
-    refuse_urls(args.dest)
     started = time.perf_counter()
     with Bars() as bars:
-        if args.dest.endswith(".tar"):
+        if not args.dest.endswith(".tar") and (url := _server(args.dest)) is not None:
+            from corral.store import remote
+
+            remote.push(_store(), args.name, url, api_key=os.environ.get("CORRAL_API_KEY"),
+                        progress=lambda digest, total: bars(digest[7:19], total))
+        elif args.dest.endswith(".tar"):
             export_archive(_store(), args.name, Path(args.dest), bars)
         else:
             copy_between(_store(), args.name, Store(args.dest), None, bars)
@@ -355,13 +411,15 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("names", nargs="+", metavar="name")
     add("verify", cmd_verify, "re-hash every blob and check every manifest")
     add("ps", cmd_ps, f"models a running server holds (CORRAL_HOST, default {DEFAULT_HOST})")
-    p = add("pull", cmd_pull, "copy a model in from a store directory or .tar")
+    p = add("pull", cmd_pull, "copy a model in from a store directory, a .tar or a Corral server")
     p.add_argument("name", help="model name in the source (ignored for a .tar)")
-    p.add_argument("--from", dest="source", required=True, help="a store directory (holding models/) or a .tar")
+    p.add_argument("--from", dest="source", required=True,
+                   help="a store directory (holding models/), a .tar, or a server: http(s)://host:port or host:port")
     p.add_argument("--as", dest="as_name", default=None, help="store it under another name")
-    p = add("push", cmd_push, "copy a model out to a store directory or .tar")
+    p = add("push", cmd_push, "copy a model out to a store directory, a .tar or a Corral server")
     p.add_argument("name")
-    p.add_argument("--to", dest="dest", required=True, help="a store directory, or a file name ending in .tar")
+    p.add_argument("--to", dest="dest", required=True,
+                   help="a store directory, a file name ending in .tar, or a server: http(s)://host:port or host:port")
     p = add("convert", cmd_convert, "write a model in another checkpoint format")
     p.add_argument("source", help="a stored model name or a GGUF file / HF or Meta directory")
     p.add_argument("dest", help="output file (gguf) or directory (hf, meta)")

@@ -1,4 +1,5 @@
-"""Move models between stores: another store directory (any ``$CORRAL_HOME``) or a .tar of one.
+"""Move models between stores: another store directory (any ``$CORRAL_HOME``) or a .tar of one
+(another Corral server: corral/store/remote.py, over the same ``copy_in``).
 
 Pull and push share one path: read and check the source manifest, check that the source holds
 every blob it names at its declared size, and only then stream each blob in (hashed on the way,
@@ -25,19 +26,9 @@ from corral.store.store import Store
 ProgressFactory = Callable[[str, int], Callable[[int], None] | None]
 
 
-class RemoteNotSupportedError(CorralError):
-    """A server URL was given where only directories and archives work today."""
-
-
-def refuse_urls(location: str) -> None:
-    if "://" in location:
-        raise RemoteNotSupportedError(f"{location!r}: pulling from and pushing to a server is not supported yet; "
-                                      "use a store directory or a .tar archive")
-
-
-def _copy_in(dest: Store, models: list[tuple[ModelName, Manifest]], has: Callable[[str, int], bool],
-             open_blob: Callable[[str], contextlib.AbstractContextManager[BinaryIO]],
-             progress: ProgressFactory | None) -> None:
+def copy_in(dest: Store, models: list[tuple[ModelName, Manifest]], has: Callable[[str, int], bool],
+            open_blob: Callable[[str], contextlib.AbstractContextManager[BinaryIO]],
+            progress: ProgressFactory | None) -> None:
     """Check everything, then copy blobs (verified) and write manifests last."""
     for name, manifest in models:
         for d in (manifest.config, *manifest.layers):
@@ -60,7 +51,7 @@ def copy_between(source: Store, name: str, dest: Store, new_name: str | None = N
     src_name = parse_name(name)
     dst_name = parse_name(new_name) if new_name else src_name
     manifest = source.read_manifest(src_name)
-    _copy_in(dest, [(dst_name, manifest)], source.blobs.has, lambda d: open(source.blobs.path(d), "rb"), progress)
+    copy_in(dest, [(dst_name, manifest)], source.blobs.has, lambda d: open(source.blobs.path(d), "rb"), progress)
     return dst_name
 
 
@@ -111,7 +102,7 @@ def import_archive(store: Store, archive: Path, new_name: str | None = None,
         def has(digest: str, size: int) -> bool:
             return digest in blobs and blobs[digest].size == size
 
-        _copy_in(store, models, has, lambda d: contextlib.closing(tar.extractfile(blobs[d])), progress)
+        copy_in(store, models, has, lambda d: contextlib.closing(tar.extractfile(blobs[d])), progress)
     return [name for name, _ in models]
 
 

@@ -108,8 +108,8 @@ def test_convert_meta_to_hf_and_gguf(tmp_path, home, models, capsys):
     (["show", "../../etc"], "invalid model name"),
     (["rm", "nope"], "not found"),
     (["create", "x", "-f", "/nonexistent/Modelfile"], "no Modelfile"),
-    (["pull", "x", "--from", "http://example.com/"], "not supported yet"),
-    (["push", "x", "--to", "https://example.com/"], "not supported yet"),
+    (["pull", "x", "--from", "http://127.0.0.1:9/"], "no Corral server answers"),
+    (["pull", "x", "--from", "ftp://127.0.0.1:9/"], "only http:// and https://"),
     (["ps"], "no Corral server answers"),
 ])
 def test_errors_are_one_line_with_exit_code_1(home, capsys, monkeypatch, argv, match):

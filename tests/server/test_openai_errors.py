@@ -168,3 +168,15 @@ def test_prompt_filling_the_context_is_a_400_naming_the_prompt(live):
     ctx = live.model().context_length
     r = post(live, "/v1/completions", {"model": MODEL, "prompt": [451] * ctx})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and str(ctx) in r.text
+
+
+def test_blob_uploads_stream_past_the_body_limit_while_json_routes_keep_it(make_server):
+    import hashlib
+
+    server = make_server(max_body_bytes=4096)
+    blob = bytes(range(256)) * 64  # 16 KiB: four times the limit
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    with server.http() as h:
+        assert h.post(f"/api/blobs/{digest}", content=blob).status_code == 201
+        assert h.head(f"/api/blobs/{digest}").status_code == 200
+        assert h.post("/api/generate", content=b"{" + b" " * 8192 + b"}").status_code == 413
