@@ -98,9 +98,7 @@ def run_corral(spec: BenchSpec, result: ChildResult) -> None:
     from corral.engine.sampling import SamplingParams
 
     result.import_s += time.perf_counter() - started
-    kwargs: dict[str, Any] = {}
-    if spec.variant != "none":
-        kwargs["quant"] = spec.variant
+    kwargs: dict[str, Any] = {"quant": spec.variant}  # "none" widens the GGUF to float32
     if spec.compile:
         kwargs["compile"] = True
     if len(spec.batch_prompts) > 8:  # the engine's default batch size

@@ -253,8 +253,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=_positive, default=3, help="timed runs per runtime; medians are reported (3)")
     p.add_argument("--runtimes", type=_choices(RUNTIMES, "--runtimes"), default=list(RUNTIMES),
                    help="comma list of corral,llamacpp,transformers (default: all)")
-    p.add_argument("--corral-quant", type=_choices(QUANTS, "--corral-quant"), default=["none"],
-                   help="comma list of Corral weight variants: none,int8,int4,gguf (default: none)")
+    p.add_argument("--corral-quant", type=_choices(QUANTS, "--corral-quant"), default=["gguf"],
+                   help="comma list of Corral weight variants: gguf (the file's own blocks, corral.load's default "
+                        "for GGUF), none (float32), int8, int4 (default: gguf)")
     p.add_argument("--compile", action="store_true", help="load Corral with compile=True")
     p.add_argument("--threads", type=_positive, default=2, help="threads for every runtime (2)")
     p.add_argument("--prompt-tokens", type=_positive, default=512, help="prefill prompt length (512)")

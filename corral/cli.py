@@ -21,8 +21,9 @@ def _add_model_and_sampling(p: argparse.ArgumentParser) -> None:
                    help="divide the logits of tokens already seen (default: 1.0, off; 1.1 is common)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype after loading (default: float32)")
-    p.add_argument("--quant", choices=["int8", "int4", "gguf"], default=None,
-                   help="weight-only quantized kernels: int8, int4, or gguf (run a GGUF's own 4/8-bit blocks)")
+    p.add_argument("--quant", choices=["gguf", "none", "int8", "int4"], default=None,
+                   help="weights: gguf (run a GGUF's own 4/8-bit blocks: the default for GGUF files), none "
+                        "(widen to float32), int8 or int4 (weight-only quantized)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster tokens after a compile of a few minutes")
     p.add_argument("--speculate", default=None, metavar="lookup|DRAFT",

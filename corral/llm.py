@@ -199,13 +199,17 @@ def load(
 ) -> LLM:
     """Load a GGUF file, an HF directory or a Meta directory (default: the embedded SmolLM2).
 
-    quant: None (weights as loaded, float32 unless dtype says otherwise), "int8" or "int4"
-    (weight-only, see corral.model.quant). compile: torch.compile the decode step (slow first
-    call). speculate: "lookup" for prompt-lookup drafting, or the path of a draft model with the
+    quant: None picks the fastest faithful path: a GGUF file runs its own 4/8-bit blocks ("gguf")
+    unless a dtype is asked for; anything else loads as stored. "none" widens a GGUF to float32;
+    "int8" or "int4" quantize weight-only (see corral.model.quant). compile: torch.compile the
+    decode step (slow first call). speculate: "lookup" for prompt-lookup drafting, or the path of a draft model with the
     same tokenizer; greedy requests then decode several tokens per forward.
     """
     path = Path(path) if path is not None else default_model_path()
-    ckpt, model = _load_model(path, dtype, quant)
+    if quant is None:
+        native = dtype in (None, torch.float32) and detect_format(path) == "gguf"
+        quant = "gguf" if native else None
+    ckpt, model = _load_model(path, dtype, None if quant == "none" else quant)
     tokenizer, add_bos = load_tokenizer_for(ckpt)
     chat_format = chat_format_for(ckpt, tokenizer)
     llm = LLM(model, tokenizer, chat_format, add_bos=add_bos, name=path.name)

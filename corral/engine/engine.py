@@ -235,6 +235,8 @@ class Engine:
 
     def decode(self, running: list[Request]) -> list[Event]:
         """One token for every running request, in one forward over the slots 0..max used."""
+        if len(running) == 1 and self.forward_decode is self.model:
+            return self._decode_one(running[0])
         rows = max(r.slot for r in running) + 1
         self.cache.reserve(rows, max(r.pos for r in running) + 2)
         scratch = self.cache.scratch
@@ -251,6 +253,16 @@ class Engine:
             self.kept[r.slot].append(r.output[-1])
             r.pos += 1
         return self._emit_many(running, logits[[r.slot for r in running]])
+
+    def _decode_one(self, req: Request) -> list[Event]:
+        """Batch-1 decode: the slot alone at an int position, so no mask and plain slice writes to the cache."""
+        self.cache.reserve(req.slot + 1, req.pos + 2)
+        tokens = torch.tensor([[req.output[-1]]], device=self.device)
+        cache = self.cache.view(slice(req.slot, req.slot + 1), req.pos + 1)
+        logits = self.model(tokens, start_pos=req.pos, cache=cache)[:, -1]  # (1, vocab)
+        self.kept[req.slot].append(req.output[-1])
+        req.pos += 1
+        return self._emit_many([req], logits)
 
     def _forward_decode(self, tokens, positions, cache, mask) -> torch.Tensor:
         try:

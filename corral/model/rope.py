@@ -41,9 +41,11 @@ def rope_angles(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Ten
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x (B, T, H, head_dim) by the angles (T or B, T, head_dim/2), in float32."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads: (..., T, 1, head_dim/2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate adjacent pairs of x (B, T, H, head_dim) by the angles (T or B, T, head_dim/2), in float32.
+
+    Each pair (x[2i], x[2i+1]) is the complex number x[2i] + j x[2i+1] times e^(j angle): one complex
+    multiply instead of four real ones plus a stack, which matters at decode (60 calls per token).
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, head_dim/2)
+    turn = torch.complex(cos, sin).unsqueeze(-2)  # broadcast over heads: (..., T, 1, head_dim/2)
+    return torch.view_as_real(pairs * turn).flatten(-2).type_as(x)

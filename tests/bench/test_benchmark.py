@@ -154,7 +154,7 @@ def test_add_parsers_registers_bench_with_a_handler():
     args = parser.parse_args(["bench", "model.gguf", "--runs", "1", "--json", "--debug"])
     assert args.handler is bench.cmd_bench
     assert (args.model, args.runs, args.json, args.debug) == ("model.gguf", 1, True, True)
-    assert args.runtimes == ["corral", "llamacpp", "transformers"] and args.corral_quant == ["none"]
+    assert args.runtimes == ["corral", "llamacpp", "transformers"] and args.corral_quant == ["gguf"]
 
 
 # ---- a tiny run end to end ------------------------------------------------------------------------
