@@ -34,6 +34,10 @@ class KVCache:
         self.v[layer_id][:B, :, start_pos:end] = v
         return self.k[layer_id][:B, :, :end], self.v[layer_id][:B, :, :end]
 
+    def rows_of(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole key and value buffers (max_batch_size, n_kv_heads, max_seq_len, head_dim)."""
+        return self.k[layer_id], self.v[layer_id]
+
 
 class SlotCache:
     """Per-slot keys and values (slots, n_kv_heads, length + 1, head_dim) per layer.
@@ -83,6 +87,10 @@ class SlotCache:
         for store in (self.k, self.v):
             for layer in store:
                 layer[dst, :, :n] = layer[src, :, :n]
+
+    def rows_of(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values for the viewed rows, all positions: (B, n_kv_heads, length + 1, head_dim)."""
+        return self.k[layer_id][self.rows], self.v[layer_id][self.rows]
 
     def update(
         self, layer_id: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor

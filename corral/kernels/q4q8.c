@@ -399,3 +399,121 @@ int corral_linear(const int64_t *desc, const float *x, int64_t M, float *y, int 
                          (const uint16_t *)(intptr_t)desc[4], (const uint16_t *)(intptr_t)desc[5], y, nthreads,
                          simd, desc[6]);
 }
+
+/* ---- one decode step of grouped-query attention (one sequence, one new token, fp32) ---------------------
+   At batch 1 the attention of a small model is a dozen tiny torch ops per layer (rotate, transpose, cache
+   write, SDPA, reshape), each costing more in dispatch than in arithmetic; this does the step in one call.
+   qkv: [n_heads*hd | n_kv*hd | n_kv*hd], the fused projection of the token. cs, sn: the hd/2 cos and sin of
+   its angles. kc, vc: the layer's cache for this sequence, n_kv heads `head_stride` floats apart, one position
+   every hd floats. Rotates q and k by adjacent pairs (Meta's layout), stores k and v at `pos`, and writes
+   y[h*hd + d] = sum_{s<=pos} softmax_s(q_h . k_{g,s} / sqrt(hd)) v_{g,s}[d] with g = h / (n_heads / n_kv). */
+static float dot_f32(const float *a, const float *b, int n) {
+    int i = 0;
+    float sum = 0.0f;
+#if CORRAL_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    sum = _mm_cvtss_f32(lo);
+#endif
+    for (; i < n; i++)
+        sum += a[i] * b[i];
+    return sum;
+}
+
+static void axpy_f32(float *y, float a, const float *x, int n) {
+    int i = 0;
+#if CORRAL_AVX2
+    __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++)
+        y[i] += a * x[i];
+}
+
+static void rotate_pairs(const float *x, const float *cs, const float *sn, int hd, float *out) {
+    for (int i = 0; i < hd / 2; i++) {
+        float a = x[2 * i], b = x[2 * i + 1];
+        out[2 * i] = a * cs[i] - b * sn[i];
+        out[2 * i + 1] = a * sn[i] + b * cs[i];
+    }
+}
+
+/* One head of one row: rotate q, score every cached position, softmax, weighted sum of values. */
+static void attend_head(const float *q, const float *cs, const float *sn, const float *kh, const float *vh, int hd,
+                        int64_t pos, float scale, float *s, float *qh, float *out) {
+    rotate_pairs(q, cs, sn, hd, qh);
+    float best = -INFINITY;
+    for (int64_t t = 0; t <= pos; t++) {
+        s[t] = dot_f32(qh, kh + t * hd, hd) * scale;
+        best = s[t] > best ? s[t] : best;
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t <= pos; t++) {
+        s[t] = expf(s[t] - best);
+        total += s[t];
+    }
+    memset(out, 0, sizeof(float) * hd);
+    for (int64_t t = 0; t <= pos; t++)
+        axpy_f32(out, s[t] / total, vh + t * hd, hd);
+}
+
+/* B rows (sequences), one new token each, row b at position pos[b] (pos[b] < 0: an idle row, output zeros).
+   Row b's qkv, cos/sin and y are at qkv + b * qkv_len, cs/sn + b * hd/2, y + b * n_heads * hd; its cache rows at
+   kc/vc + b * row_stride. Each row's arithmetic does not depend on the others, so a sequence decodes to the
+   same bits alone or in a batch. */
+int corral_attn_decode(const float *qkv, const float *cs, const float *sn, float *kc, float *vc, int64_t row_stride,
+                       int64_t head_stride, int n_heads, int n_kv, int hd, const int64_t *pos, int64_t B, float *y,
+                       int nthreads) {
+    const int group = n_heads / n_kv, half = hd / 2;
+    const int64_t qkv_len = (int64_t)(n_heads + 2 * n_kv) * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    int64_t longest = 0, work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (pos[b] < 0)
+            continue;
+        longest = pos[b] > longest ? pos[b] : longest;
+        work += (int64_t)n_heads * (pos[b] + 1) * hd;
+        const float *k = qkv + b * qkv_len + (int64_t)n_heads * hd, *v = k + (int64_t)n_kv * hd;
+        for (int g = 0; g < n_kv; g++) {
+            float *kdst = kc + b * row_stride + g * head_stride + pos[b] * hd;
+            rotate_pairs(k + (int64_t)g * hd, cs + b * half, sn + b * half, hd, kdst);
+            memcpy(vc + b * row_stride + g * head_stride + pos[b] * hd, v + (int64_t)g * hd, sizeof(float) * hd);
+        }
+    }
+    const int64_t jobs = B * n_heads, per = longest + 1 + hd; /* scratch per thread: q rotated, then scores */
+    int nt = work > (1 << 18) && nthreads > 1 ? nthreads : 1;
+#ifndef _OPENMP
+    nt = 1;
+#endif
+    float *scratch = malloc(sizeof(float) * (size_t)nt * (size_t)per);
+    if (!scratch)
+        return -1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 8)
+#endif
+    for (int64_t j = 0; j < jobs; j++) {
+#ifdef _OPENMP
+        float *s = scratch + (int64_t)omp_get_thread_num() * per;
+#else
+        float *s = scratch;
+#endif
+        int64_t b = j / n_heads;
+        int h = (int)(j % n_heads);
+        float *out = y + b * n_heads * hd + (int64_t)h * hd;
+        if (pos[b] < 0) {
+            memset(out, 0, sizeof(float) * hd);
+            continue;
+        }
+        const float *kh = kc + b * row_stride + (h / group) * head_stride;
+        const float *vh = vc + b * row_stride + (h / group) * head_stride;
+        attend_head(qkv + b * qkv_len + (int64_t)h * hd, cs + b * half, sn + b * half, kh, vh, hd, pos[b], scale,
+                    s + hd, s, out);
+    }
+    free(scratch);
+    return 0;
+}

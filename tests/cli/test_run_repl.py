@@ -101,7 +101,7 @@ def test_repl_with_the_default_model_answers_paris(home):
     child.expect_exact(">>> ")
     child.sendline("/set parameter temperature 0")
     child.expect_exact(">>> ")
-    child.sendline("What is the capital of France?")
+    child.sendline("Name the capital of France.")
     child.expect("Paris")
     child.expect_exact(">>> ")
     child.sendline("/bye")

@@ -7,7 +7,7 @@ import pytest
 
 MODEL = "smollm2:135m"
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "Name the capital of France."}]
 
 
 def test_chat_answers_with_usage(live):

@@ -1,0 +1,81 @@
+"""The C decode-attention step against the model's own attention, on a small random model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from corral import kernels
+from corral.engine.engine import Engine
+from corral.engine.kv_cache import SlotCache
+from corral.engine.sampling import SamplingParams
+from corral.kernels.attention import KernelAttention, apply_kernel_attention_
+from corral.model.config import ModelConfig
+from corral.model.fuse import apply_fused_projections_
+from corral.model.llama import Transformer, init_weights_
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+
+CONFIG = ModelConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=256)
+
+
+def _pair():
+    torch.manual_seed(0)
+    fused = apply_fused_projections_(init_weights_(Transformer(CONFIG), std=0.1).eval())
+    return fused, apply_kernel_attention_(copy.deepcopy(fused))
+
+
+def test_kernel_attention_replaces_fused_attention_modules():
+    _, fast = _pair()
+    assert all(type(layer.attention) is KernelAttention for layer in fast.layers)
+
+
+@torch.inference_mode()
+def test_each_decode_step_matches_the_torch_attention_and_writes_the_same_cache():
+    slow, fast = _pair()
+    caches = [SlotCache(CONFIG, 2, 128, dtype=torch.float32) for _ in range(2)]
+    prompt = torch.randint(0, 300, (1, 37))
+    for model, cache in zip((slow, fast), caches):
+        cache.reserve(2, 100)
+        model(prompt, start_pos=0, cache=cache.view(slice(1, 2), 37))  # slot 1: rows other than 0 work too
+    for step in range(40):
+        token = torch.tensor([[step * 7 % 300]])
+        pos = 37 + step
+        outs = [m(token, start_pos=pos, cache=c.view(slice(1, 2), pos + 1)) for m, c in zip((slow, fast), caches)]
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    for layer in range(CONFIG.n_layers):
+        torch.testing.assert_close(caches[1].k[layer], caches[0].k[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[1].v[layer], caches[0].v[layer])
+
+
+def test_engine_greedy_tokens_are_unchanged_by_the_kernel():
+    slow, fast = _pair()
+    params = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
+    prompts = [[1, 2, 3, 4], [10, 20, 30]]
+    want = [c.token_ids for c in Engine(slow, max_batch_size=1).generate(prompts, params)]
+    assert [c.token_ids for c in Engine(fast, max_batch_size=1).generate(prompts, params)] == want
+
+
+@torch.inference_mode()
+def test_prefill_and_batches_take_the_model_path():
+    slow, fast = _pair()
+    tokens = torch.randint(0, 300, (2, 9))
+    torch.testing.assert_close(fast(tokens), slow(tokens))
+
+
+@torch.inference_mode()
+def test_long_context_step_splits_heads_across_threads_and_still_matches():
+    config = ModelConfig(dim=512, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=100, multiple_of=32,
+                         max_seq_len=1024)
+    torch.manual_seed(1)
+    slow = apply_fused_projections_(init_weights_(Transformer(config), std=0.05).eval())
+    fast = apply_kernel_attention_(copy.deepcopy(slow))
+    outs = []
+    for model in (slow, fast):
+        cache = SlotCache(config, 1, 1024, dtype=torch.float32)
+        cache.reserve(1, 702)
+        model(torch.arange(700).remainder(100)[None], start_pos=0, cache=cache.view(slice(0, 1), 700))
+        outs.append(model(torch.tensor([[3]]), start_pos=700, cache=cache.view(slice(0, 1), 701)))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
