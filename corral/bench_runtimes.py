@@ -57,6 +57,19 @@ class ChildResult:
 
 
 def peak_rss_mib() -> float:
+    """This process's own peak resident memory.
+
+    On Linux it is VmHWM from /proc/self/status, the high-water mark of this program's address space.
+    getrusage's ru_maxrss is not: Linux carries it over fork and exec, so a child started by a parent
+    holding 850 MiB reported at least 850 MiB whatever it used (every earlier row had that floor).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

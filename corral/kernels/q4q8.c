@@ -443,23 +443,81 @@ static void rotate_pairs(const float *x, const float *cs, const float *sn, int h
     }
 }
 
+/* q . k_t / sqrt(hd) for t in [0, n): four keys per pass share one horizontal reduction. */
+static void scores_f32(const float *q, const float *k, int64_t n, int hd, float scale, float *s) {
+    int64_t t = 0;
+#if CORRAL_AVX2
+    if (hd % 8 == 0) {
+        for (; t + 4 <= n; t += 4) {
+            const float *k0 = k + t * hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int i = 0; i < hd; i += 8) {
+                __m256 qv = _mm256_loadu_ps(q + i);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + hd + i), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * hd + i), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * hd + i), a3);
+            }
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            _mm_storeu_ps(s + t, _mm_mul_ps(sum, _mm_set1_ps(scale)));
+        }
+    }
+#endif
+    for (; t < n; t++)
+        s[t] = dot_f32(q, k + t * hd, hd) * scale;
+}
+
+/* out = sum_t p[t] v_t; for head_dim 64 the eight output vectors stay in registers across all keys. */
+static void weighted_sum(const float *p, const float *v, int64_t n, int hd, float *out) {
+#if CORRAL_AVX2
+    if (hd == 64) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int64_t t = 0; t < n; t++) {
+            const float *vt = v + t * 64;
+            __m256 w = _mm256_set1_ps(p[t]);
+            a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt), a0);
+            a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8), a1);
+            a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 16), a2);
+            a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 24), a3);
+            a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 32), a4);
+            a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 40), a5);
+            a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 48), a6);
+            a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 56), a7);
+        }
+        _mm256_storeu_ps(out, a0);
+        _mm256_storeu_ps(out + 8, a1);
+        _mm256_storeu_ps(out + 16, a2);
+        _mm256_storeu_ps(out + 24, a3);
+        _mm256_storeu_ps(out + 32, a4);
+        _mm256_storeu_ps(out + 40, a5);
+        _mm256_storeu_ps(out + 48, a6);
+        _mm256_storeu_ps(out + 56, a7);
+        return;
+    }
+#endif
+    memset(out, 0, sizeof(float) * hd);
+    for (int64_t t = 0; t < n; t++)
+        axpy_f32(out, p[t], v + t * hd, hd);
+}
+
 /* One head of one row: rotate q, score every cached position, softmax, weighted sum of values. */
 static void attend_head(const float *q, const float *cs, const float *sn, const float *kh, const float *vh, int hd,
                         int64_t pos, float scale, float *s, float *qh, float *out) {
     rotate_pairs(q, cs, sn, hd, qh);
+    scores_f32(qh, kh, pos + 1, hd, scale, s);
     float best = -INFINITY;
-    for (int64_t t = 0; t <= pos; t++) {
-        s[t] = dot_f32(qh, kh + t * hd, hd) * scale;
+    for (int64_t t = 0; t <= pos; t++)
         best = s[t] > best ? s[t] : best;
-    }
     float total = 0.0f;
     for (int64_t t = 0; t <= pos; t++) {
         s[t] = expf(s[t] - best);
         total += s[t];
     }
-    memset(out, 0, sizeof(float) * hd);
+    const float inv = 1.0f / total;
     for (int64_t t = 0; t <= pos; t++)
-        axpy_f32(out, s[t] / total, vh + t * hd, hd);
+        s[t] *= inv;
+    weighted_sum(s, vh, pos + 1, hd, out);
 }
 
 /* B rows (sequences), one new token each, row b at position pos[b] (pos[b] < 0: an idle row, output zeros).
