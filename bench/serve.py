@@ -83,7 +83,8 @@ def start_corral(model: str, port: int, parallel: int, home: str) -> subprocess.
 
 def start_llamacpp(model: str, port: int, threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048"]
+           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048",
+           "--interrupt_requests", "False"]  # its default cuts a running stream when the next request comes
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -126,6 +127,7 @@ def bench_server(name: str, proc: subprocess.Popen, base: str, model: str, count
     out: dict[int, list[Round]] = {}
     try:
         wait_ready(f"{base}/v1/models", proc)
+        model = served_name(base, model)
         asyncio.run(run_round(base, model, 1, 8))  # warm-up: first-request costs are not the server's steady state
         for n in counts:
             out[n] = []
@@ -141,6 +143,13 @@ def bench_server(name: str, proc: subprocess.Popen, base: str, model: str, count
         except subprocess.TimeoutExpired:
             proc.kill()
     return out
+
+
+def served_name(base: str, path: str) -> str:
+    """The id a server lists for the GGUF it was started with (Corral names it after the file)."""
+    ids = [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json().get("data", [])]
+    stem = os.path.basename(path).removesuffix(".gguf").lower()
+    return next((i for i in ids if stem in i.lower() or i == path), ids[0] if ids else path)
 
 
 def percentile(values: list[float], q: float) -> float:
