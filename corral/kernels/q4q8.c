@@ -575,3 +575,50 @@ int corral_attn_decode(const float *qkv, const float *cs, const float *sn, float
     free(scratch);
     return 0;
 }
+
+/* ---- one transformer block for cached steps (decode rows, or one sequence's tokens), fp32 --------------------
+   Between its six matmuls a Llama block is a handful of row-wise steps (two RMSNorms, attention, SwiGLU, two
+   residual adds). At batch 1 torch dispatches each as its own op; here the whole block is one call, the same
+   arithmetic for every row whatever the batch. h (R, dim) is updated in place. Rows r: token at pos[r] of the
+   cache row at kc/vc + r * row_stride (row_stride 0: all R tokens belong to one sequence), angles cs/sn + r * hd/2. */
+static void rms_norm_rows(const float *x, const float *w, int64_t R, int dim, float eps, float *out) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = x + r * dim;
+        float ss = dot_f32(xr, xr, dim);
+        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        float *o = out + r * dim;
+        for (int i = 0; i < dim; i++)
+            o[i] = xr[i] * inv * w[i];
+    }
+}
+
+int corral_block_step(float *h, int64_t R, int dim, const float *attn_norm, const float *ffn_norm, float eps,
+                      const int64_t *wqkv, const int64_t *wo, const int64_t *w13, const int64_t *w2, const float *cs,
+                      const float *sn, float *kc, float *vc, int64_t row_stride, int64_t head_stride, int n_heads,
+                      int n_kv, int hd, const int64_t *pos, int hidden, int nthreads, int simd) {
+    const int64_t qkv_len = (int64_t)(n_heads + 2 * n_kv) * hd, att = (int64_t)n_heads * hd;
+    float *buf = malloc(sizeof(float) * (size_t)R * (size_t)(dim + qkv_len + att + 3 * (int64_t)hidden));
+    if (!buf)
+        return -1;
+    float *xn = buf, *qkv = xn + R * dim, *y = qkv + R * qkv_len, *g = y + R * att, *a = g + R * 2 * hidden;
+    int rc = 0;
+    rms_norm_rows(h, attn_norm, R, dim, eps, xn);
+    rc |= corral_linear(wqkv, xn, R, qkv, nthreads, simd);
+    rc |= corral_attn_decode(qkv, cs, sn, kc, vc, row_stride, head_stride, n_heads, n_kv, hd, pos, R, y, nthreads);
+    rc |= corral_linear(wo, y, R, xn, nthreads, simd);
+    for (int64_t i = 0; i < R * dim; i++)
+        h[i] += xn[i];
+    rms_norm_rows(h, ffn_norm, R, dim, eps, xn);
+    rc |= corral_linear(w13, xn, R, g, nthreads, simd);
+    for (int64_t r = 0; r < R; r++) {
+        const float *gate = g + r * 2 * hidden, *up = gate + hidden;
+        float *ar = a + r * hidden;
+        for (int i = 0; i < hidden; i++)
+            ar[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
+    rc |= corral_linear(w2, a, R, xn, nthreads, simd);
+    for (int64_t i = 0; i < R * dim; i++)
+        h[i] += xn[i];
+    free(buf);
+    return rc ? -1 : 0;
+}

@@ -79,3 +79,40 @@ def test_long_context_step_splits_heads_across_threads_and_still_matches():
         model(torch.arange(700).remainder(100)[None], start_pos=0, cache=cache.view(slice(0, 1), 700))
         outs.append(model(torch.tensor([[3]]), start_pos=700, cache=cache.view(slice(0, 1), 701)))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def _q4_pair():
+    """A small model whose projections are our Q4 block linears: fused, then with the C block step."""
+    from corral.kernels.linear import Q4Linear, Q8Linear
+
+    torch.manual_seed(2)
+    model = init_weights_(Transformer(CONFIG), std=0.1).eval()
+    for block in model.layers:
+        for parent, names in ((block.attention, ("wq", "wk", "wv", "wo")), (block.feed_forward, ("w1", "w2", "w3"))):
+            for name in names:
+                setattr(parent, name, Q4Linear.from_float(getattr(parent, name).weight.detach(), "q4_1"))
+    model.output = Q8Linear.from_float(model.tok_embeddings.weight.detach(), "q8_0")
+    slow = apply_fused_projections_(model)
+    return slow, apply_kernel_attention_(copy.deepcopy(slow))
+
+
+def test_block_step_in_c_matches_the_torch_block_and_is_chunking_exact():
+    from corral.kernels.attention import KernelBlock
+
+    slow, fast = _q4_pair()
+    assert all(type(layer) is KernelBlock for layer in fast.layers)
+    prompt = torch.randint(0, 300, (1, 30))
+    with torch.inference_mode():
+        outs = []
+        for model in (slow, fast):
+            cache = SlotCache(CONFIG, 1, 64, dtype=torch.float32)
+            cache.reserve(1, 31)
+            outs.append(model(prompt, start_pos=0, cache=cache.view(slice(0, 1), 30)))
+        # int8 activation rounding amplifies the C norms' last-bit differences: close, not equal
+        torch.testing.assert_close(outs[1], outs[0], rtol=0.05, atol=0.05)
+        assert (outs[1].argmax(-1) == outs[0].argmax(-1)).float().mean() >= 0.9
+        step = SlotCache(CONFIG, 1, 64, dtype=torch.float32)
+        step.reserve(1, 31)
+        first = fast(prompt[:, :12], start_pos=0, cache=step.view(slice(0, 1), 12))
+        rest = [fast(prompt[:, i:i + 1], start_pos=i, cache=step.view(slice(0, 1), i + 1)) for i in range(12, 30)]
+    assert torch.equal(torch.cat([first, *rest], dim=1), outs[1])
