@@ -226,7 +226,9 @@ def _read_value(cur: _Cursor, vtype: ValueType, key: str, depth: int = 0) -> tup
         raise cur.error(f"array of {count} {etype.name} values runs past the end of the file", key)
     if etype in _NUMPY_TYPES:
         start = cur.take(count * _MIN_SIZE[etype], key)
-        values = np.frombuffer(cur.buf, dtype=_NUMPY_TYPES[etype], count=count, offset=start)
+        # A copy: a view would pin the mmap, and an error raised while it lives (its frame in the traceback)
+        # would make closing the file fail with BufferError instead of reporting the FormatError.
+        values = np.frombuffer(cur.buf, dtype=_NUMPY_TYPES[etype], count=count, offset=start).copy()
         if etype == ValueType.BOOL:
             if count and values.max() > 1:
                 raise cur.error("bool array holds a value other than 0 or 1", key)
