@@ -43,8 +43,9 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list | None = None) ->
                         "0 = unload after each request (default: 5m)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help="context per request slot (default: the model's own)")
-    p.add_argument("--quant", choices=["int8", "int4", "gguf"], default=None,
-                   help="weight-only quantization for models stored without one (default: $CORRAL_QUANT or none)")
+    p.add_argument("--quant", choices=["gguf", "none", "int8", "int4"], default=None,
+                   help="weights for models stored without a quant: gguf (a GGUF's own blocks, the default for "
+                        "GGUF files), none (float32), int8, int4 (default: $CORRAL_QUANT or gguf/as stored)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype after loading (default: float32)")
     p.add_argument("--api-key", default=None,
@@ -79,8 +80,8 @@ def config_from_args(args):
     if args.keep_alive is not None:
         config.keep_alive = parse_keep_alive(args.keep_alive, "--keep-alive")
     config.quant = args.quant or os.environ.get("CORRAL_QUANT") or None
-    if config.quant not in (None, "int8", "int4", "gguf"):
-        raise ConfigError(f"CORRAL_QUANT must be int8, int4 or gguf, got {config.quant!r}")
+    if config.quant not in (None, "none", "int8", "int4", "gguf"):
+        raise ConfigError(f"CORRAL_QUANT must be gguf, none, int8 or int4, got {config.quant!r}")
     config.dtype = args.dtype
     config.api_key = args.api_key or config.api_key
     config.preload = list(args.model or [])
