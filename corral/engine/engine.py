@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from corral.engine.generate import TextStream
-from corral.engine.kv_cache import SlotCache
+from corral.engine.kv_cache import SlotCache, cache_dtype
 from corral.engine.sampling import Choice, SamplingParams, choose
 from corral.engine.speculative import Drafter, accept_greedy
 from corral.errors import CorralError
@@ -103,7 +103,8 @@ class Engine:
         self.stop_ids = frozenset(stop_ids)
         weight = model.norm.weight
         self.device = weight.device
-        self.cache = SlotCache(self.config, max_batch_size, self.max_seq_len, dtype=weight.dtype, device=self.device)
+        self.cache = SlotCache(self.config, max_batch_size, self.max_seq_len, dtype=cache_dtype(model),
+                               device=self.device)
         self.slots: list[Request | None] = [None] * max_batch_size
         self.kept: list[list[int]] = [[] for _ in range(max_batch_size)]
         """Token ids whose keys and values each slot still holds (the prefix cache)."""

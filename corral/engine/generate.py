@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from corral.engine.kv_cache import KVCache
+from corral.engine.kv_cache import KVCache, cache_dtype
 from corral.engine.sampling import SamplingParams, sample_token
 from corral.model.llama import Transformer
 
@@ -41,7 +41,7 @@ def generate_tokens(
     budget = min(params.max_new_tokens, context - len(prompt_ids))
     if budget <= 0:
         return
-    dtype = model.norm.weight.dtype
+    dtype = cache_dtype(model)
     device = model.norm.weight.device
     cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=dtype, device=device)
     generator = None

@@ -106,3 +106,9 @@ class SlotCache:
             kc[rows, :, positions] = k.transpose(1, 2)  # indexed view is (B, T, n_kv_heads, hd)
             vc[rows, :, positions] = v.transpose(1, 2)
         return kc[:, :, : self.kv_len], vc[:, :, : self.kv_len]
+
+
+def cache_dtype(model) -> torch.dtype:
+    """The dtype a model's keys and values are kept in: its activations' dtype, unless its attention reads a
+    narrower cache (corral.kernels.attention sets `kv_cache_dtype` to float16: half the bytes to read)."""
+    return getattr(model, "kv_cache_dtype", None) or model.norm.weight.dtype

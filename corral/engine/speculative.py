@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from corral.engine.kv_cache import SlotCache
+from corral.engine.kv_cache import SlotCache, cache_dtype
 from corral.model.llama import Transformer
 
 
@@ -85,7 +85,7 @@ class DraftModel(DrafterStats):
         self.model = model
         weight = model.norm.weight
         length = max_seq_len or model.config.max_seq_len
-        self.cache = SlotCache(model.config, 1, length, dtype=weight.dtype, device=weight.device)
+        self.cache = SlotCache(model.config, 1, length, dtype=cache_dtype(model), device=weight.device)
         self.kept: list[int] = []
 
     @torch.inference_mode()

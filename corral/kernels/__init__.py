@@ -96,11 +96,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.corral_linear.restype = i32
     lib.corral_quantize_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32]
     lib.corral_quantize_rows.restype = None
-    lib.corral_attn_decode.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32, i32, ptr, i64, ptr, i32]
+    lib.corral_attn_decode.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32, i32, ptr, i64, ptr, i32, i32]
     lib.corral_attn_decode.restype = i32
     f32 = ctypes.c_float
     lib.corral_block_step.argtypes = [ptr, i64, i32, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64,
-                                      i32, i32, i32, ptr, i32, i32, i32]
+                                      i32, i32, i32, ptr, i32, i32, i32, i32]
     lib.corral_block_step.restype = i32
     lib.corral_kernels_simd.restype = i32
     lib.corral_kernels_openmp.restype = i32

@@ -38,7 +38,7 @@ class KernelAttention(FusedAttention):
         rc = kernels.library().corral_attn_decode(
             qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), row_stride, kc.stride(1),
             self.n_heads, self.n_kv_heads, self.head_dim, ctypes.addressof(pos), rows, y.data_ptr(),
-            torch.get_num_threads())
+            torch.get_num_threads(), int(kc.dtype is torch.float16))
         if rc != 0:
             raise MemoryError("corral kernels: no memory for attention scores")
         return self.wo(y)
@@ -59,7 +59,7 @@ class KernelBlock(Block):
             h.data_ptr(), rows, h.shape[-1], self.attention_norm.weight.data_ptr(), self.ffn_norm.weight.data_ptr(),
             self.attention_norm.eps, *descs, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
             row_stride, kc.stride(1), attn.n_heads, attn.n_kv_heads, attn.head_dim, ctypes.addressof(pos),
-            ffn.w2.in_features, torch.get_num_threads(), kernels.simd_flag())
+            ffn.w2.in_features, torch.get_num_threads(), kernels.simd_flag(), int(kc.dtype is torch.float16))
         if rc != 0:
             raise MemoryError("corral kernels: no memory for a block step")
         return h
@@ -83,7 +83,8 @@ def _plan(x, cos, mask, cache, start_pos, layer_id):
         positions, rows = start_pos.to(torch.int64).tolist(), B
         if mask is not None:  # batched decode: rows writing to the scratch column are idle, skip them
             positions = [-1 if p == getattr(cache, "scratch", -1) else p for p in positions]
-    if kc.dtype is not torch.float32 or kc.shape[0] < B or max(positions) >= kc.shape[2]:
+    half_ok = kc.dtype is torch.float16 and kernels.has_simd()
+    if not (kc.dtype is torch.float32 or half_ok) or kc.shape[0] < B or max(positions) >= kc.shape[2]:
         return None
     return (ctypes.c_int64 * rows)(*positions), rows, row_stride, kc, vc
 
@@ -102,6 +103,8 @@ def apply_kernel_attention_(model: nn.Module) -> nn.Module:
     """Run fused blocks' cached steps in C where the kernels built; returns the model."""
     if not kernels.available():
         return model
+    if kernels.has_simd():  # keys and values in float16: half the bytes for batched decode over long contexts
+        model.kv_cache_dtype = torch.float16
     for module in model.modules():
         if type(module) is FusedAttention:
             module.__class__ = KernelAttention

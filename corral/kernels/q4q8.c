@@ -424,17 +424,6 @@ static float dot_f32(const float *a, const float *b, int n) {
     return sum;
 }
 
-static void axpy_f32(float *y, float a, const float *x, int n) {
-    int i = 0;
-#if CORRAL_AVX2
-    __m256 va = _mm256_set1_ps(a);
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-    for (; i < n; i++)
-        y[i] += a * x[i];
-}
-
 static void rotate_pairs(const float *x, const float *cs, const float *sn, int hd, float *out) {
     for (int i = 0; i < hd / 2; i++) {
         float a = x[2 * i], b = x[2 * i + 1];
@@ -443,20 +432,52 @@ static void rotate_pairs(const float *x, const float *cs, const float *sn, int h
     }
 }
 
+/* Cached keys and values are float32 (kv_half 0) or float16 (kv_half 1, AVX2 builds only: half the bytes to
+   read, which is what batched decode over a long context is bound by). Offsets below count elements. */
+static inline float kv_at(const void *base, int64_t i, int kv_half) {
+#if CORRAL_AVX2
+    if (kv_half)
+        return _cvtsh_ss(((const uint16_t *)base)[i]);
+#endif
+    return ((const float *)base)[i];
+}
+
+#if CORRAL_AVX2
+static inline __m256 kv_load8(const void *base, int64_t i, int kv_half) {
+    if (kv_half)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
+    return _mm256_loadu_ps((const float *)base + i);
+}
+#endif
+
+static void kv_store(void *base, int64_t i, const float *x, int n, int kv_half) {
+#if CORRAL_AVX2
+    if (kv_half) {
+        int j = 0;
+        for (; j + 8 <= n; j += 8)
+            _mm_storeu_si128((__m128i *)((uint16_t *)base + i + j), _mm256_cvtps_ph(_mm256_loadu_ps(x + j), 0));
+        for (; j < n; j++)
+            ((uint16_t *)base)[i + j] = _cvtss_sh(x[j], 0);
+        return;
+    }
+#endif
+    memcpy((float *)base + i, x, sizeof(float) * n);
+}
+
 /* q . k_t / sqrt(hd) for t in [0, n): four keys per pass share one horizontal reduction. */
-static void scores_f32(const float *q, const float *k, int64_t n, int hd, float scale, float *s) {
+static void scores_kv(const float *q, const void *k, int64_t n, int hd, float scale, int kv_half, float *s) {
     int64_t t = 0;
 #if CORRAL_AVX2
     if (hd % 8 == 0) {
         for (; t + 4 <= n; t += 4) {
-            const float *k0 = k + t * hd;
+            const int64_t k0 = t * hd;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int i = 0; i < hd; i += 8) {
                 __m256 qv = _mm256_loadu_ps(q + i);
-                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + hd + i), a1);
-                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * hd + i), a2);
-                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * hd + i), a3);
+                a0 = _mm256_fmadd_ps(qv, kv_load8(k, k0 + i, kv_half), a0);
+                a1 = _mm256_fmadd_ps(qv, kv_load8(k, k0 + hd + i, kv_half), a1);
+                a2 = _mm256_fmadd_ps(qv, kv_load8(k, k0 + 2 * hd + i, kv_half), a2);
+                a3 = _mm256_fmadd_ps(qv, kv_load8(k, k0 + 3 * hd + i, kv_half), a3);
             }
             __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
             __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -464,26 +485,30 @@ static void scores_f32(const float *q, const float *k, int64_t n, int hd, float 
         }
     }
 #endif
-    for (; t < n; t++)
-        s[t] = dot_f32(q, k + t * hd, hd) * scale;
+    for (; t < n; t++) {
+        float acc = 0.0f;
+        for (int i = 0; i < hd; i++)
+            acc += q[i] * kv_at(k, t * hd + i, kv_half);
+        s[t] = acc * scale;
+    }
 }
 
 /* out = sum_t p[t] v_t; for head_dim 64 the eight output vectors stay in registers across all keys. */
-static void weighted_sum(const float *p, const float *v, int64_t n, int hd, float *out) {
+static void weighted_sum_kv(const float *p, const void *v, int64_t n, int hd, int kv_half, float *out) {
 #if CORRAL_AVX2
     if (hd == 64) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         for (int64_t t = 0; t < n; t++) {
-            const float *vt = v + t * 64;
+            const int64_t o = t * 64;
             __m256 w = _mm256_set1_ps(p[t]);
-            a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt), a0);
-            a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8), a1);
-            a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 16), a2);
-            a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 24), a3);
-            a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 32), a4);
-            a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 40), a5);
-            a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 48), a6);
-            a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 56), a7);
+            a0 = _mm256_fmadd_ps(w, kv_load8(v, o, kv_half), a0);
+            a1 = _mm256_fmadd_ps(w, kv_load8(v, o + 8, kv_half), a1);
+            a2 = _mm256_fmadd_ps(w, kv_load8(v, o + 16, kv_half), a2);
+            a3 = _mm256_fmadd_ps(w, kv_load8(v, o + 24, kv_half), a3);
+            a4 = _mm256_fmadd_ps(w, kv_load8(v, o + 32, kv_half), a4);
+            a5 = _mm256_fmadd_ps(w, kv_load8(v, o + 40, kv_half), a5);
+            a6 = _mm256_fmadd_ps(w, kv_load8(v, o + 48, kv_half), a6);
+            a7 = _mm256_fmadd_ps(w, kv_load8(v, o + 56, kv_half), a7);
         }
         _mm256_storeu_ps(out, a0);
         _mm256_storeu_ps(out + 8, a1);
@@ -498,14 +523,15 @@ static void weighted_sum(const float *p, const float *v, int64_t n, int hd, floa
 #endif
     memset(out, 0, sizeof(float) * hd);
     for (int64_t t = 0; t < n; t++)
-        axpy_f32(out, p[t], v + t * hd, hd);
+        for (int i = 0; i < hd; i++)
+            out[i] += p[t] * kv_at(v, t * hd + i, kv_half);
 }
 
 /* One head of one row: rotate q, score every cached position, softmax, weighted sum of values. */
-static void attend_head(const float *q, const float *cs, const float *sn, const float *kh, const float *vh, int hd,
-                        int64_t pos, float scale, float *s, float *qh, float *out) {
+static void attend_head(const float *q, const float *cs, const float *sn, const void *kh, const void *vh, int hd,
+                        int64_t pos, float scale, int kv_half, float *s, float *qh, float *out) {
     rotate_pairs(q, cs, sn, hd, qh);
-    scores_f32(qh, kh, pos + 1, hd, scale, s);
+    scores_kv(qh, kh, pos + 1, hd, scale, kv_half, s);
     float best = -INFINITY;
     for (int64_t t = 0; t <= pos; t++)
         best = s[t] > best ? s[t] : best;
@@ -517,16 +543,22 @@ static void attend_head(const float *q, const float *cs, const float *sn, const 
     const float inv = 1.0f / total;
     for (int64_t t = 0; t <= pos; t++)
         s[t] *= inv;
-    weighted_sum(s, vh, pos + 1, hd, out);
+    weighted_sum_kv(s, vh, pos + 1, hd, kv_half, out);
 }
 
 /* B rows (sequences), one new token each, row b at position pos[b] (pos[b] < 0: an idle row, output zeros).
    Row b's qkv, cos/sin and y are at qkv + b * qkv_len, cs/sn + b * hd/2, y + b * n_heads * hd; its cache rows at
    kc/vc + b * row_stride. Each row's arithmetic does not depend on the others, so a sequence decodes to the
    same bits alone or in a batch. */
-int corral_attn_decode(const float *qkv, const float *cs, const float *sn, float *kc, float *vc, int64_t row_stride,
+int corral_attn_decode(const float *qkv, const float *cs, const float *sn, void *kc, void *vc, int64_t row_stride,
                        int64_t head_stride, int n_heads, int n_kv, int hd, const int64_t *pos, int64_t B, float *y,
-                       int nthreads) {
+                       int nthreads, int kv_half) {
+#if !CORRAL_AVX2
+    if (kv_half)
+        return -2; /* float16 caches need F16C; the Python side never asks a scalar build for them */
+#endif
+    if (hd > 512)
+        return -2;
     const int group = n_heads / n_kv, half = hd / 2;
     const int64_t qkv_len = (int64_t)(n_heads + 2 * n_kv) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -538,9 +570,11 @@ int corral_attn_decode(const float *qkv, const float *cs, const float *sn, float
         work += (int64_t)n_heads * (pos[b] + 1) * hd;
         const float *k = qkv + b * qkv_len + (int64_t)n_heads * hd, *v = k + (int64_t)n_kv * hd;
         for (int g = 0; g < n_kv; g++) {
-            float *kdst = kc + b * row_stride + g * head_stride + pos[b] * hd;
-            rotate_pairs(k + (int64_t)g * hd, cs + b * half, sn + b * half, hd, kdst);
-            memcpy(vc + b * row_stride + g * head_stride + pos[b] * hd, v + (int64_t)g * hd, sizeof(float) * hd);
+            float rotated[512];
+            const int64_t at = b * row_stride + g * head_stride + pos[b] * hd;
+            rotate_pairs(k + (int64_t)g * hd, cs + b * half, sn + b * half, hd, rotated);
+            kv_store(kc, at, rotated, hd, kv_half);
+            kv_store(vc, at, v + (int64_t)g * hd, hd, kv_half);
         }
     }
     const int64_t jobs = B * n_heads, per = longest + 1 + hd; /* scratch per thread: q rotated, then scores */
@@ -567,10 +601,11 @@ int corral_attn_decode(const float *qkv, const float *cs, const float *sn, float
             memset(out, 0, sizeof(float) * hd);
             continue;
         }
-        const float *kh = kc + b * row_stride + (h / group) * head_stride;
-        const float *vh = vc + b * row_stride + (h / group) * head_stride;
+        const int64_t at = b * row_stride + (h / group) * head_stride;
+        const void *kh = kv_half ? (const void *)((const uint16_t *)kc + at) : (const void *)((const float *)kc + at);
+        const void *vh = kv_half ? (const void *)((const uint16_t *)vc + at) : (const void *)((const float *)vc + at);
         attend_head(qkv + b * qkv_len + (int64_t)h * hd, cs + b * half, sn + b * half, kh, vh, hd, pos[b], scale,
-                    s + hd, s, out);
+                    kv_half, s + hd, s, out);
     }
     free(scratch);
     return 0;
@@ -594,8 +629,10 @@ static void rms_norm_rows(const float *x, const float *w, int64_t R, int dim, fl
 
 int corral_block_step(float *h, int64_t R, int dim, const float *attn_norm, const float *ffn_norm, float eps,
                       const int64_t *wqkv, const int64_t *wo, const int64_t *w13, const int64_t *w2, const float *cs,
-                      const float *sn, float *kc, float *vc, int64_t row_stride, int64_t head_stride, int n_heads,
-                      int n_kv, int hd, const int64_t *pos, int hidden, int nthreads, int simd) {
+                      const float *sn, void *kc, void *vc, int64_t row_stride, int64_t head_stride, int n_heads,
+                      int n_kv, int hd, const int64_t *pos, int hidden, int nthreads, int simd, int kv_half) {
+    if (hd > 512)
+        return -2;
     const int64_t qkv_len = (int64_t)(n_heads + 2 * n_kv) * hd, att = (int64_t)n_heads * hd;
     float *buf = malloc(sizeof(float) * (size_t)R * (size_t)(dim + qkv_len + att + 3 * (int64_t)hidden));
     if (!buf)
@@ -604,7 +641,8 @@ int corral_block_step(float *h, int64_t R, int dim, const float *attn_norm, cons
     int rc = 0;
     rms_norm_rows(h, attn_norm, R, dim, eps, xn);
     rc |= corral_linear(wqkv, xn, R, qkv, nthreads, simd);
-    rc |= corral_attn_decode(qkv, cs, sn, kc, vc, row_stride, head_stride, n_heads, n_kv, hd, pos, R, y, nthreads);
+    rc |= corral_attn_decode(qkv, cs, sn, kc, vc, row_stride, head_stride, n_heads, n_kv, hd, pos, R, y, nthreads,
+                             kv_half);
     rc |= corral_linear(wo, y, R, xn, nthreads, simd);
     for (int64_t i = 0; i < R * dim; i++)
         h[i] += xn[i];

@@ -78,6 +78,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, n_kv_heads, S, head_dim)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache may keep a narrower dtype (no-op otherwise)
         # GQA: each key/value head serves n_heads / n_kv_heads consecutive query heads.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_heads != self.n_kv_heads

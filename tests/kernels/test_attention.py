@@ -96,22 +96,28 @@ def _q4_pair():
     return slow, apply_kernel_attention_(copy.deepcopy(slow))
 
 
-def test_block_step_in_c_matches_the_torch_block_and_is_chunking_exact():
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_block_step_in_c_matches_the_torch_block_and_is_chunking_exact(kv_dtype):
     from corral.kernels.attention import KernelBlock
 
+    if kv_dtype is torch.float16 and not kernels.has_simd():
+        pytest.skip("float16 caches need the AVX2/F16C build")
     slow, fast = _q4_pair()
     assert all(type(layer) is KernelBlock for layer in fast.layers)
+    assert fast.kv_cache_dtype is (torch.float16 if kernels.has_simd() else None)
     prompt = torch.randint(0, 300, (1, 30))
     with torch.inference_mode():
         outs = []
-        for model in (slow, fast):
-            cache = SlotCache(CONFIG, 1, 64, dtype=torch.float32)
+        for model, dtype in ((slow, torch.float32), (fast, kv_dtype)):
+            cache = SlotCache(CONFIG, 1, 64, dtype=dtype)
             cache.reserve(1, 31)
             outs.append(model(prompt, start_pos=0, cache=cache.view(slice(0, 1), 30)))
-        # int8 activation rounding amplifies the C norms' last-bit differences: close, not equal
-        torch.testing.assert_close(outs[1], outs[0], rtol=0.05, atol=0.05)
+        # int8 activation rounding amplifies the C norms' last-bit differences (and a float16 cache's
+        # rounding of keys and values): close, not equal. Measured max 0.10 with float16 on 9,000 logits.
+        tol = 0.05 if kv_dtype is torch.float32 else 0.25
+        torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
         assert (outs[1].argmax(-1) == outs[0].argmax(-1)).float().mean() >= 0.9
-        step = SlotCache(CONFIG, 1, 64, dtype=torch.float32)
+        step = SlotCache(CONFIG, 1, 64, dtype=kv_dtype)
         step.reserve(1, 31)
         first = fast(prompt[:, :12], start_pos=0, cache=step.view(slice(0, 1), 12))
         rest = [fast(prompt[:, i:i + 1], start_pos=i, cache=step.view(slice(0, 1), i + 1)) for i in range(12, 30)]
