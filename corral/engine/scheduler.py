@@ -60,8 +60,8 @@ class Ticket:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     error: str | None = None
-    _open: int = 0
     _cancelled: bool = False
+    _done: int = 0  # samples whose last event the reader has taken
 
     def cancel(self) -> None:
         """Stop every sample (thread-safe); slots are freed at the engine's next step."""
@@ -71,29 +71,27 @@ class Ticket:
 
     async def events(self) -> AsyncIterator[TicketEvent]:
         """Events in order until all n samples are done; leaving the loop early cancels the rest."""
-        done = 0
         try:
-            while done < self.n:
-                event = await self._queue.get()
-                if event.finish_reason is not None:
-                    done += 1
-                yield event
+            while self._done < self.n:
+                yield self._counted(await self._queue.get())
         finally:
-            if done < self.n:
-                self.cancel()
+            self._cancel_unfinished()
 
     def iter_events(self, timeout: float | None = None):
         """The same events for a caller without an event loop (tests, scripts)."""
-        done = 0
         try:
-            while done < self.n:
-                event = self._queue.get(timeout=timeout)
-                if event.finish_reason is not None:
-                    done += 1
-                yield event
+            while self._done < self.n:
+                yield self._counted(self._queue.get(timeout=timeout))
         finally:
-            if done < self.n:
-                self.cancel()
+            self._cancel_unfinished()
+
+    def _counted(self, event: TicketEvent) -> TicketEvent:
+        self._done += event.finish_reason is not None
+        return event
+
+    def _cancel_unfinished(self) -> None:
+        if self._done < self.n:
+            self.cancel()
 
     async def completions(self) -> list[Completion]:
         """Wait for all n samples; cancelling the awaiting task cancels them."""
@@ -139,7 +137,7 @@ class Scheduler:
             box: asyncio.Queue | queue.Queue = asyncio.Queue()
         except RuntimeError:
             loop, box = None, queue.Queue()
-        ticket = Ticket(params.n, len(prompt), self, loop, box, _open=params.n)
+        ticket = Ticket(params.n, len(prompt), self, loop, box)
         self._post(("submit", ticket, prompt, params, tuple(stop), constraint_factory))
         return ticket
 

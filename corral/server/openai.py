@@ -280,12 +280,7 @@ async def chat_completions(request: Request):
     name = req.model or model.name
     if req.stream:
         return TicketStream(run, chat_stream(run, plan, name, req.include_usage))
-    try:
-        await collect(request, run)
-    finally:
-        run.end()
-    if (err := run.engine_error()) is not None:
-        raise err
+    await run_to_end(request, run)
     choices = [chat_choice(run, plan, i) for i in range(len(run.samples))]
     return {"id": f"chatcmpl-{run.id}", "object": "chat.completion", "created": run.created, "model": name,
             "system_fingerprint": f"corral-{model.digest[7:19]}", "choices": choices, "usage": run.usage()}
@@ -388,12 +383,7 @@ async def completions(request: Request):
     echo = (req.prompt if isinstance(req.prompt, str) else model.llm.tokenizer.decode(ids)) if req.echo else ""
     if req.stream:
         return TicketStream(run, completion_stream(run, name, echo, req.include_usage))
-    try:
-        await collect(request, run)
-    finally:
-        run.end()
-    if (err := run.engine_error()) is not None:
-        raise err
+    await run_to_end(request, run)
     choices = [{"index": i, "text": echo + s.text, "finish_reason": s.finish,
                 "logprobs": legacy_logprobs(s.logprobs, len(echo)) if run.want_logprobs else None}
                for i, s in enumerate(run.samples)]
@@ -427,3 +417,13 @@ async def completion_stream(run: Run, name: str, echo: str, include_usage: bool)
         yield "data: [DONE]\n\n"
     finally:
         run.end()
+
+
+async def run_to_end(request: Request, run) -> None:
+    """Wait for a non-streamed request to finish; an engine failure becomes this request's error."""
+    try:
+        await collect(request, run)
+    finally:
+        run.end()
+    if (err := run.engine_error()) is not None:
+        raise err
