@@ -31,8 +31,9 @@ test: $(STAMP)
 # The benchmark needs llama-cpp-python, which compiles llama.cpp (10-25 minutes on 2 cores), so
 # only `make bench` installs it; the tests that use it skip without it.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet "llama-cpp-python==0.3.36"
+	$(PY) -m pip install --quiet "llama-cpp-python[server]==0.3.36"
 	$(PY) bench/engine.py
+	$(PY) bench/serve.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check corral tests scripts bench
