@@ -13,6 +13,7 @@ generator; its ``finally`` cancels). A non-streaming one is noticed by a watcher
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -269,14 +270,9 @@ async def chat_completions(request: Request):
     state = get_state(request)
     req = parse_chat(await read_json(request))
     model = await checked_model(state, req)
-    try:
+    with released_on_error(state, model):
         plan = await asyncio.to_thread(plan_chat, model, req)
-        params = sampling_params(model, req.sampling, len(plan.ids), "messages")
-        run = submit(state, model, plan.ids, params, stop_strings(model, req.sampling), plan.constraint,
-                           want_logprobs=req.sampling.logprobs is not None)
-    except BaseException:
-        state.pool.release(model)
-        raise
+        run = submit_request(state, model, req, plan.ids, "messages", plan.constraint)
     name = req.model or model.name
     if req.stream:
         return TicketStream(run, chat_stream(run, plan, name, req.include_usage))
@@ -371,14 +367,9 @@ async def completions(request: Request):
     state = get_state(request)
     req = parse_completion(await read_json(request))
     model = await checked_model(state, req)
-    try:
+    with released_on_error(state, model):
         ids = await asyncio.to_thread(completion_ids, model, req)
-        params = sampling_params(model, req.sampling, len(ids), "prompt")
-        run = submit(state, model, ids, params, stop_strings(model, req.sampling), None,
-                           want_logprobs=req.sampling.logprobs is not None)
-    except BaseException:
-        state.pool.release(model)
-        raise
+        run = submit_request(state, model, req, ids, "prompt", None)
     name = req.model or model.name
     echo = (req.prompt if isinstance(req.prompt, str) else model.llm.tokenizer.decode(ids)) if req.echo else ""
     if req.stream:
@@ -427,3 +418,20 @@ async def run_to_end(request: Request, run) -> None:
         run.end()
     if (err := run.engine_error()) is not None:
         raise err
+
+
+@contextlib.contextmanager
+def released_on_error(state, model):
+    """Hand the model back to the pool if anything fails before its request is running."""
+    try:
+        yield
+    except BaseException:
+        state.pool.release(model)
+        raise
+
+
+def submit_request(state, model, req, ids: list[int], field: str, constraint) -> Run:
+    """Checked sampling parameters for these prompt ids, then the engine's ticket (Run)."""
+    params = sampling_params(model, req.sampling, len(ids), field)
+    return submit(state, model, ids, params, stop_strings(model, req.sampling), constraint,
+                  want_logprobs=req.sampling.logprobs is not None)

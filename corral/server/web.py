@@ -78,7 +78,8 @@ async def _call(request: Request, fn, *args: Any, **kwargs: Any) -> Any:
         return _error(400, str(e))
 
 
-async def _body(request: Request, limit: int = 2 << 20) -> dict | JSONResponse:
+async def _body(request: Request, limit: int = 2 << 20, allowed: set[str] | None = None) -> dict | JSONResponse:
+    """The JSON object sent, or the error response to return; `allowed` names the only fields accepted."""
     raw = await request.body()
     if len(raw) > limit:
         return _error(413, f"body is {len(raw)} bytes; the limit is {limit}")
@@ -88,6 +89,9 @@ async def _body(request: Request, limit: int = 2 << 20) -> dict | JSONResponse:
         return _error(400, f"body is not valid JSON: {e}")
     if not isinstance(body, dict):
         return _error(400, "body must be a JSON object")
+    unknown = set(body) - allowed if allowed is not None else set()
+    if unknown:
+        return _error(400, f"unknown field(s) {sorted(unknown)}")
     return body
 
 
@@ -150,12 +154,9 @@ async def list_conversations(request: Request, q: str | None = None) -> Any:
 
 @router.post("/corral/api/conversations")
 async def create_conversation(request: Request) -> Any:
-    body = await _body(request)
+    body = await _body(request, allowed={"title", "model", "system", "params"})
     if isinstance(body, JSONResponse):
         return body
-    unknown = set(body) - {"title", "model", "system", "params"}
-    if unknown:
-        return _error(400, f"unknown field(s) {sorted(unknown)}")
     return await _call(request, "create", **body)
 
 
@@ -181,12 +182,9 @@ async def delete_conversation(request: Request, conv_id: str) -> Any:
 # -- messages: each answers the whole tree, which is what the page redraws from ------------------
 @router.post("/corral/api/conversations/{conv_id}/messages")
 async def add_message(request: Request, conv_id: str) -> Any:
-    body = await _body(request)
+    body = await _body(request, allowed={"role", "content", "parent_id", "stats"})
     if isinstance(body, JSONResponse):
         return body
-    unknown = set(body) - {"role", "content", "parent_id", "stats"}
-    if unknown:
-        return _error(400, f"unknown field(s) {sorted(unknown)}")
     kwargs = {"parent_id": body["parent_id"]} if "parent_id" in body else {}
     if "parent_id" in kwargs and kwargs["parent_id"] is not None and not isinstance(kwargs["parent_id"], str):
         return _error(400, "parent_id must be a string or null")
