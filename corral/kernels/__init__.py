@@ -30,7 +30,7 @@ import torch
 SOURCE = Path(__file__).with_name("q4q8.c")
 KIND_Q4, KIND_Q8 = 0, 1
 QK = 32  # elements per block
-TILE_ROWS = 4  # weight rows per tile in the repacked layout
+TILE_ROWS = 8  # weight rows per tile in the repacked layout
 # Products smaller than this many multiply-adds per thread run on one thread: a second thread's wake-up
 # and the join cost more than they save below it (measured with bench/kernels.py on 2 cores).
 MIN_WORK_PER_THREAD = 1 << 18

@@ -3,7 +3,7 @@
 A weight (out, in) is out rows of in/32 blocks; a block is a fp16 scale d, for Q4_1 a fp16 min m, and 32
 codes: Q4_0 w = d * (q - 8), Q4_1 w = d * q + m (q in 0..15, two per byte, element j in the low nibble of
 byte j and element j + 16 in the high one), Q8_0 w = d * q (q int8). The modules keep those exact codes
-and scales, repacked for the kernel (see q4q8.c): rows in tiles of 4, blocks of a tile contiguous,
+and scales, repacked for the kernel (see q4q8.c): rows in tiles of 8, blocks of a tile contiguous,
 scales in separate arrays. Every buffer is uint8 (fp16 scales as their bytes), so ``model.to(dtype)``
 leaves them alone and ``state_dict`` carries them.
 
@@ -39,8 +39,8 @@ class BlockLinear(nn.Module):
                  out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qs", qs)  # (T, nb, 4 * code_bytes) uint8, layout in q4q8.c
-        self.register_buffer("scales", scales)  # (T, nb, 4 * 2) uint8: fp16 d
+        self.register_buffer("qs", qs)  # (T, nb, TR * code_bytes) uint8, layout in q4q8.c
+        self.register_buffer("scales", scales)  # (T, nb, TR * 2) uint8: fp16 d
         self.register_buffer("mins", mins)  # like scales (Q4_1 m), or None (Q4_0: m = -8 d; Q8_0)
 
     def _apply(self, *args, **kwargs):  # .to() / .cpu() replace the buffers: drop the stale pointers first
@@ -66,15 +66,14 @@ class BlockLinear(nn.Module):
         T = -(-out_features // TR)
         pad = T * TR - out_features  # zero rows with zero scales complete the last tile
 
-        def tiles(t: torch.Tensor) -> torch.Tensor:  # (out, nb, ...) -> (T, nb, 4, ...)
+        def tiles(t: torch.Tensor) -> torch.Tensor:  # (out, nb, ...) -> (T, nb, TR, ...)
             t = torch.cat((t, t.new_zeros(pad, *t.shape[1:]))) if pad else t
             return t.reshape(T, TR, *t.shape[1:]).transpose(1, 2).contiguous()
 
-        qs = tiles(codes.to(torch.uint8))  # (T, nb, 4 rows, code_bytes)
-        if cls.kind == kernels.KIND_Q4:  # 4-byte chunks of the four rows side by side: (T, nb, 4 chunks, 4 rows, 4)
-            qs = qs.view(T, nb, TR, 4, 4).transpose(2, 3)
+        # (T, nb, TR rows, code_bytes) -> 4-byte chunks of the tile's rows side by side: (T, nb, chunks, TR rows, 4)
+        qs = tiles(codes.to(torch.uint8)).view(T, nb, TR, width // 4, 4).transpose(2, 3)
 
-        def scale_bytes(s: torch.Tensor) -> torch.Tensor:  # (out, nb) fp16 -> (T, nb, 8) uint8
+        def scale_bytes(s: torch.Tensor) -> torch.Tensor:  # (out, nb) fp16 -> (T, nb, 2 TR) uint8
             return tiles(s.to(torch.float16)).view(torch.uint8)
 
         mins = None if m is None else scale_bytes(m)
@@ -112,16 +111,15 @@ class BlockLinear(nn.Module):
     # -- inspection ---------------------------------------------------------------------------------------------
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The row-major blocks back: codes (out, nb, code_bytes) uint8, d and m (out, nb) float16 (m may be None)."""
-        def rows(t: torch.Tensor) -> torch.Tensor:  # (T, nb, 4, ...) -> (out, nb, ...)
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (T, nb, TR, ...) -> (out, nb, ...)
             return t.transpose(1, 2).reshape(-1, *t.shape[1:2], *t.shape[3:])[: self.out_features]
 
         def half(s: torch.Tensor) -> torch.Tensor:
             return rows(s.view(torch.float16).unsqueeze(-1)).squeeze(-1)
 
         T, nb, _ = self.qs.shape
-        qs = self.qs.view(T, nb, TR, self.code_bytes)
-        if self.kind == kernels.KIND_Q4:  # undo the 4-byte chunk interleave
-            qs = qs.view(T, nb, 4, TR, 4).transpose(2, 3).reshape(T, nb, TR, self.code_bytes)
+        chunks = self.code_bytes // 4  # undo the 4-byte chunk interleave
+        qs = self.qs.view(T, nb, chunks, TR, 4).transpose(2, 3).reshape(T, nb, TR, self.code_bytes)
         return rows(qs), half(self.scales), None if self.mins is None else half(self.mins)
 
     def dequantize(self) -> torch.Tensor:

@@ -2,22 +2,22 @@
 
    y[m, n] = sum_k x[m, k] * w[n, k], with w in blocks of QK = 32 along k:
      Q4 (Q4_0, Q4_1): w = d * q + mn, q in 0..15   (Q4_0 stores no mins: mn = -8 d)
-     Q8 (Q8_0):       w = d * q,      q in -128..127
+     Q8 (Q8_0):       w = d * q,      q in -127..127
    Each activation row is quantised per block of 32 like Q8_0: xd = max|x| / 127, xq = round(x / xd),
-   so one block adds   xd * (d * sum(q * xq)  +  mn * sum(xq)).
+   so one block adds   d * xd * sum(q * xq)  +  mn * xd * sum(xq).
    The integer dot runs in SIMD lanes (maddubs: u8 x s8 -> s16 pairs, madd: -> s32), the rest in fp32.
 
-   Weight layout, repacked at load by corral/kernels/linear.py: rows in tiles of TR = 4,
+   Weight layout, repacked at load by corral/kernels/linear.py: rows in tiles of TR = 8, and a row's
+   block cut into 4-byte chunks; chunk c of the tile's eight rows side by side is one 32-byte vector:
      Q4 qs [T][nb][4 chunks][TR][4]  bytes. A row's block is 16 bytes as in GGUF (byte j: element j in the
-                                     low nibble, element j + 16 in the high one); chunk c holds bytes
-                                     4c..4c+3 of the tile's four rows, so after maddubs and madd every
-                                     int32 lane belongs to one row: lanes (r0 r1 r2 r3 | r0 r1 r2 r3).
-     Q8 qs [T][nb][TR][32]           int8, row by row.
+                                     low nibble, element j + 16 in the high one), so chunk c holds
+                                     elements 4c..4c+3 (low nibbles) and 16+4c..16+4c+3 (high nibbles).
+     Q8 qs [T][nb][8 chunks][TR][4]  int8: chunk c holds elements 4c..4c+3.
      d, mn [T][nb][TR]               fp16
-   so a tile streams from one address range and a block's 4 scales are one 8-byte load.
+   A chunk vector times the matching 4 activation bytes broadcast (maddubs, then madd) leaves one
+   int32 lane per weight row, so a tile's eight dot products finish in eight lanes with no
+   horizontal sums, and the activations are read as they are (no copies per row).
    Rows past N in the last tile are zero blocks with zero scales.
-   The Q4 kernel reads the activations expanded to match the chunks (xe, 128 bytes per block, see
-   expand_row_q4): each 4-byte group of x repeated for the four rows.
 
    Threads: OpenMP. Loaded after torch, the library binds to the libgomp torch already holds (same
    soname), so torch's ops and these kernels share one thread pool instead of two fighting pools. */
@@ -38,11 +38,13 @@
 #define CORRAL_AVX2 0
 #endif
 
-#define QK 32     /* elements per block */
-#define TR 4      /* weight rows per tile */
-#define MXQ4 4    /* activation rows per pass over a Q4 tile */
-#define MXQ8 2    /* and over a Q8 tile (its four row accumulators per x row fill the registers sooner) */
-#define MCHUNK 64 /* activation rows per pass over the weights (keeps them in L2) */
+#define QK 32          /* elements per block */
+#define TR 8           /* weight rows per tile */
+#define MXQ4 8         /* the most activation rows per pass over a Q4 tile */
+#define MXQ8 4         /* and over a Q8 tile (its unpacked block takes more registers) */
+#define XCHUNK 16384   /* bytes of int8 activations per pass over the weights (stays in L1) */
+/* loops over a tile's activation rows and chunks: unrolled, so the accumulators stay in registers */
+#define UNROLL _Pragma("GCC unroll 8")
 
 enum { KIND_Q4 = 0, KIND_Q8 = 1 };
 
@@ -56,9 +58,8 @@ typedef struct {
 typedef struct {
     int64_t M;
     const int8_t *xq; /* (M, K) */
-    const int8_t *xe; /* (M, 4 K): Q4 only, xq expanded for the chunked layout */
     const float *xd;  /* (M, nb) activation block scales */
-    const float *xs;  /* (M, nb) sum(xq) of each block, as a float */
+    const float *xsd; /* (M, nb) xd * sum(xq) of each block: what a block's Q4 min multiplies */
     float *y;         /* (M, N) */
 } acts;
 
@@ -103,34 +104,34 @@ static void quant_row_scalar(const float *x, int64_t nb, int8_t *q, float *xd, f
     }
 }
 
-/* One weight row (tile t, row r) against one activation row. */
-static float dot_row_scalar(const weights *w, int64_t t, int r, const int8_t *xq, const float *xd, const float *xs) {
+/* One weight row (tile t, row r) against one activation row, with the SIMD path's arithmetic. */
+static float dot_row_scalar(const weights *w, int64_t t, int r, const int8_t *xq, const float *xd, const float *xsd) {
     float acc = 0.0f;
+    const int chunks = w->kind == KIND_Q4 ? 4 : 8;
     for (int64_t b = 0; b < w->nb; b++) {
         int64_t s = (t * w->nb + b) * TR + r;
+        const uint8_t *p = w->qs + (t * w->nb + b) * TR * 4 * chunks + r * 4; /* chunk c at p + c * 32 */
         const int8_t *xb = xq + b * QK;
         int isum = 0;
-        if (w->kind == KIND_Q4) {
-            const uint8_t *p = w->qs + (t * w->nb + b) * TR * 16 + r * 4; /* byte j at chunk j/4, offset j%4 */
-            for (int j = 0; j < 16; j++) {
-                uint8_t v = p[(j / 4) * 16 + j % 4];
-                isum += (v & 0x0F) * xb[j] + (v >> 4) * xb[j + 16];
+        for (int c = 0; c < chunks; c++)
+            for (int j = 0; j < 4; j++) {
+                uint8_t v = p[c * TR * 4 + j];
+                if (w->kind == KIND_Q4)
+                    isum += (v & 0x0F) * xb[4 * c + j] + (v >> 4) * xb[16 + 4 * c + j];
+                else
+                    isum += (int8_t)v * xb[4 * c + j];
             }
-        } else {
-            const int8_t *p = (const int8_t *)(w->qs + s * 32);
-            for (int j = 0; j < QK; j++) isum += p[j] * xb[j];
-        }
         float d = half_to_float(w->d[s]);
-        acc += (float)isum * (d * xd[b]);
-        if (w->kind == KIND_Q4) acc += (w->mn ? half_to_float(w->mn[s]) : -8.0f * d) * (xd[b] * xs[b]);
+        acc = fmaf((float)isum, d * xd[b], acc);
+        if (w->kind == KIND_Q4) acc = fmaf(w->mn ? half_to_float(w->mn[s]) : -8.0f * d, xsd[b], acc);
     }
     return acc;
 }
 
 static void tile_scalar(const weights *w, int64_t t, const acts *a, int64_t m) {
     for (int r = 0; r < TR && t * TR + r < w->N; r++)
-        a->y[m * w->N + t * TR + r] =
-            dot_row_scalar(w, t, r, a->xq + m * w->K, a->xd + m * w->nb, a->xs + m * w->nb);
+        a->y[m * w->N + t * TR + r] = dot_row_scalar(w, t, r, a->xq + m * w->K, a->xd + m * w->nb,
+                                                     a->xsd + m * w->nb);
 }
 
 /* ---------------------------------------------------------------- AVX2 path */
@@ -164,139 +165,106 @@ static void quant_row_avx2(const float *x, int64_t nb, int8_t *q, float *xd, flo
     }
 }
 
-/* Q8 tile prologue: dsc[i][b][r] = d[b][r] * xd_i[b] for mx activation rows. */
-static inline __attribute__((always_inline)) void tile_scales(const weights *w, int64_t t, int mx, const float *xd,
-                                                              float *dsc) {
-    const int64_t nb = w->nb;
-    const uint16_t *dt = w->d + t * nb * TR;
-    for (int i = 0; i < mx; i++) {
-        const float *xdi = xd + i * nb;
-        float *di = dsc + i * nb * TR;
-        int64_t b = 0;
-        for (; b + 2 <= nb; b += 2) { /* two blocks x four rows = one vector */
-            __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dt + b * TR)));
-            __m256 xdv = _mm256_set_m128(_mm_set1_ps(xdi[b + 1]), _mm_set1_ps(xdi[b]));
-            _mm256_storeu_ps(di + b * TR, _mm256_mul_ps(dv, xdv));
-        }
-        if (b < nb) /* odd block count: the last block alone */
-            _mm_storeu_ps(di + b * TR, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(dt + b * TR))),
-                                                  _mm_set1_ps(xdi[b])));
-    }
-}
-
-/* 4 fp16 (8 bytes) -> (f0 f1 f2 f3 | f0 f1 f2 f3) */
-static inline __m256 load_half4_twice(const uint16_t *p) {
-    int64_t v;
-    memcpy(&v, p, sizeof v);
-    return _mm256_cvtph_ps(_mm_set1_epi64x(v));
-}
-
-/* xq block (32 int8 as 8 words w0..w7 of 4) -> 4 vectors matching the Q4 chunks (lo: elements 0-15,
-   hi: 16-31): (w0 x4 | w1 x4), (w4 x4 | w5 x4), (w2 x4 | w3 x4), (w6 x4 | w7 x4). */
-static void expand_row_q4(const int8_t *xq, int64_t nb, int8_t *xe) {
-    const __m256i i0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i1 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5);
-    const __m256i i2 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3), i3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-        __m256i *o = (__m256i *)(xe + b * 4 * QK);
-        _mm256_storeu_si256(o, _mm256_permutevar8x32_epi32(v, i0));
-        _mm256_storeu_si256(o + 1, _mm256_permutevar8x32_epi32(v, i1));
-        _mm256_storeu_si256(o + 2, _mm256_permutevar8x32_epi32(v, i2));
-        _mm256_storeu_si256(o + 3, _mm256_permutevar8x32_epi32(v, i3));
-    }
-}
-
-/* acc lanes (r0 r1 r2 r3 | r0 r1 r2 r3) -> y[m + i][n0 .. n0 + 3] (fewer in the last tile) */
-static inline void store_tile(const acts *a, int64_t N, int64_t row, int64_t n0, __m256 acc) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+/* y[m + i][n0 .. n0 + 7] = acc (fewer in the last tile) */
+static inline __attribute__((always_inline)) void store_tile(const acts *a, int64_t N, int64_t row, int64_t n0, __m256 acc) {
     float *yrow = a->y + row * N + n0;
     if (n0 + TR <= N) {
-        _mm_storeu_ps(yrow, s);
+        _mm256_storeu_ps(yrow, acc);
     } else {
         float tmp[TR];
-        _mm_storeu_ps(tmp, s);
+        _mm256_storeu_ps(tmp, acc);
         for (int r = 0; n0 + r < N; r++) yrow[r] = tmp[r];
     }
 }
 
-/* One Q4 tile (4 weight rows) against mx activation rows from row m. mx is a constant after inlining,
-   so the loops unroll and the accumulators stay in registers. Per block and x row: 4 maddubs whose
-   int16 sums add without overflow (4 x 2 x 15 x 127 < 32767), one madd, one convert, then in fp32
-   acc += xd * (d * isum + mn * sum(xq) / 2), the min term halved because both lane halves carry it. */
+/* 4 activation bytes (elements 4c..4c+3 of a block) in every lane */
+static inline __attribute__((always_inline)) __m256i x4(const int8_t *xb, int c) {
+    int32_t v;
+    memcpy(&v, xb + 4 * c, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+
+/* One Q4 tile (8 weight rows) against mx activation rows from row m. mx is a constant after inlining, so
+   the loops unroll and the accumulators stay in registers. Per block and x row: 8 maddubs whose int16
+   sums add without overflow (8 x 2 x 15 x 127 < 32767), one madd, one convert, two fma. */
 static inline __attribute__((always_inline)) void tile_q4(const weights *w, int64_t t, const acts *a, int64_t m,
                                                           int mx) {
     const int64_t nb = w->nb, K = w->K;
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
     const uint16_t *dt = w->d + t * nb * TR, *mt = w->mn ? w->mn + t * nb * TR : NULL;
     const uint8_t *q = w->qs + t * nb * TR * 16;
-    const int8_t *xe = a->xe + m * 4 * K;
-    const float *xd = a->xd + m * nb, *xs = a->xs + m * nb;
+    const int8_t *xq = a->xq + m * K;
+    const float *xd = a->xd + m * nb, *xsd = a->xsd + m * nb;
     __m256 acc[MXQ4];
-    for (int i = 0; i < mx; i++) acc[i] = _mm256_setzero_ps();
+    UNROLL for (int i = 0; i < mx; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m256 d8 = load_half4_twice(dt + b * TR);
-        __m256 h8 = mt ? _mm256_mul_ps(load_half4_twice(mt + b * TR), _mm256_set1_ps(0.5f))
-                       : _mm256_mul_ps(d8, _mm256_set1_ps(-4.0f)); /* Q4_0: mn / 2 = -4 d */
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)(q + b * 64));
-        __m256i v1 = _mm256_loadu_si256((const __m256i *)(q + b * 64 + 32));
-        __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-        __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
-        for (int i = 0; i < mx; i++) {
-            const __m256i *x = (const __m256i *)(xe + i * 4 * K + b * 4 * QK);
+        const __m256i *qb = (const __m256i *)(q + b * TR * 16);
+        __m256i lo[4], hi[4];
+        UNROLL for (int c = 0; c < 4; c++) {
+            __m256i v = _mm256_loadu_si256(qb + c);
+            lo[c] = _mm256_and_si256(v, low);
+            hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        }
+        __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dt + b * TR)));
+        __m256 m8 = mt ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mt + b * TR)))
+                       : _mm256_mul_ps(d8, _mm256_set1_ps(-8.0f));
+        UNROLL for (int i = 0; i < mx; i++) {
+            const int8_t *xb = xq + i * K + b * QK;
             __m256i p = _mm256_add_epi16(
-                _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256(x)),
-                                 _mm256_maddubs_epi16(hi0, _mm256_loadu_si256(x + 1))),
-                _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_loadu_si256(x + 2)),
-                                 _mm256_maddubs_epi16(hi1, _mm256_loadu_si256(x + 3))));
+                _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[0], x4(xb, 0)), _mm256_maddubs_epi16(hi[0], x4(xb, 4))),
+                                 _mm256_add_epi16(_mm256_maddubs_epi16(lo[1], x4(xb, 1)), _mm256_maddubs_epi16(hi[1], x4(xb, 5)))),
+                _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[2], x4(xb, 2)), _mm256_maddubs_epi16(hi[2], x4(xb, 6))),
+                                 _mm256_add_epi16(_mm256_maddubs_epi16(lo[3], x4(xb, 3)), _mm256_maddubs_epi16(hi[3], x4(xb, 7)))));
             __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-            __m256 blk = _mm256_fmadd_ps(f, d8, _mm256_mul_ps(h8, _mm256_set1_ps(xs[i * nb + b])));
-            acc[i] = _mm256_fmadd_ps(blk, _mm256_set1_ps(xd[i * nb + b]), acc[i]);
+            acc[i] = _mm256_fmadd_ps(f, _mm256_mul_ps(d8, _mm256_set1_ps(xd[i * nb + b])), acc[i]);
+            acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(xsd[i * nb + b]), acc[i]);
         }
     }
-    for (int i = 0; i < mx; i++) store_tile(a, w->N, m + i, t * TR, acc[i]);
+    UNROLL for (int i = 0; i < mx; i++) store_tile(a, w->N, m + i, t * TR, acc[i]);
 }
 
-/* One Q8 tile: rows are separate streams; the weight's sign moves onto the activation for maddubs. */
+/* One Q8 tile: maddubs takes unsigned x signed, so each chunk's weights go in as |w| and their signs move
+   onto the activations. A pair sum reaches 2 x 127 x 127, so every maddubs widens (madd) at once. */
 static inline __attribute__((always_inline)) void tile_q8(const weights *w, int64_t t, const acts *a, int64_t m,
-                                                          int mx, float *dsc) {
+                                                          int mx) {
     const int64_t nb = w->nb, K = w->K;
     const __m256i ones = _mm256_set1_epi16(1);
-    tile_scales(w, t, mx, a->xd + m * nb, dsc);
-    __m256 acc[MXQ8][TR];
-    for (int i = 0; i < mx; i++)
-        for (int r = 0; r < TR; r++) acc[i][r] = _mm256_setzero_ps();
+    const uint16_t *dt = w->d + t * nb * TR;
     const uint8_t *q = w->qs + t * nb * TR * 32;
     const int8_t *xq = a->xq + m * K;
+    const float *xd = a->xd + m * nb;
+    __m256 acc[MXQ8];
+    UNROLL for (int i = 0; i < mx; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m256i xv[MXQ8];
-        for (int i = 0; i < mx; i++) xv[i] = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK));
-        for (int r = 0; r < TR; r++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (b * TR + r) * 32));
-            __m256i aw = _mm256_sign_epi8(wv, wv);
-            for (int i = 0; i < mx; i++) {
-                __m256i prod = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wv));
-                __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
-                acc[i][r] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(dsc + (i * nb + b) * TR + r), acc[i][r]);
-            }
+        const __m256i *qb = (const __m256i *)(q + b * TR * 32);
+        __m256i wv[8], aw[8];
+        UNROLL for (int c = 0; c < 8; c++) {
+            wv[c] = _mm256_loadu_si256(qb + c);
+            aw[c] = _mm256_sign_epi8(wv[c], wv[c]);
+        }
+        __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dt + b * TR)));
+        UNROLL for (int i = 0; i < mx; i++) {
+            const int8_t *xb = xq + i * K + b * QK;
+            __m256i s[8];
+            UNROLL for (int c = 0; c < 8; c++)
+                s[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[c], _mm256_sign_epi8(x4(xb, c), wv[c])), ones);
+            __m256i sum = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3])),
+                                           _mm256_add_epi32(_mm256_add_epi32(s[4], s[5]), _mm256_add_epi32(s[6], s[7])));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d8, _mm256_set1_ps(xd[i * nb + b])), acc[i]);
         }
     }
-    for (int i = 0; i < mx; i++) {
-        /* hadd twice: (sum r0, sum r1, sum r2, sum r3) split over the two lanes */
-        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
-        store_tile(a, w->N, m + i, t * TR, h);
-    }
+    UNROLL for (int i = 0; i < mx; i++) store_tile(a, w->N, m + i, t * TR, acc[i]);
 }
 
 static void tile_q4_1(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q4(w, t, a, m, 1); }
 static void tile_q4_2(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q4(w, t, a, m, 2); }
 static void tile_q4_3(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q4(w, t, a, m, 3); }
 static void tile_q4_4(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q4(w, t, a, m, 4); }
-static void tile_q8_1(const weights *w, int64_t t, const acts *a, int64_t m, float *dsc) {
-    tile_q8(w, t, a, m, 1, dsc);
-}
-static void tile_q8_2(const weights *w, int64_t t, const acts *a, int64_t m, float *dsc) {
-    tile_q8(w, t, a, m, 2, dsc);
-}
+static void tile_q4_8(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q4(w, t, a, m, 8); }
+static void tile_q8_1(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q8(w, t, a, m, 1); }
+static void tile_q8_2(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q8(w, t, a, m, 2); }
+static void tile_q8_3(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q8(w, t, a, m, 3); }
+static void tile_q8_4(const weights *w, int64_t t, const acts *a, int64_t m) { tile_q8(w, t, a, m, 4); }
 #endif /* CORRAL_AVX2 */
 
 /* ---------------------------------------------------------------- driver */
@@ -315,38 +283,45 @@ void corral_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float
     }
 }
 
-/* The work of thread `tid` of `nt`: its share of activation rows to quantise, a barrier, then its
-   contiguous range of weight tiles against all rows (in chunks of MCHUNK rows). */
-static void run_thread(const weights *w, const float *x, const acts *a, float *dsc, int simd, int tid, int nt) {
-    int64_t m0 = a->M * tid / nt, m1 = a->M * (tid + 1) / nt;
-    corral_quantize_rows(x + m0 * w->K, m1 - m0, w->K, (int8_t *)a->xq + m0 * w->K, (float *)a->xd + m0 * w->nb,
-                         (float *)a->xs + m0 * w->nb, simd);
+typedef void (*tile_fn)(const weights *, int64_t, const acts *, int64_t);
+
+/* Rows m..mend of one tile, in passes of the widest unrolled kernel that fits. */
+static void tile_rows(const weights *w, int64_t t, const acts *a, int64_t m, int64_t mend, int simd) {
 #if CORRAL_AVX2
-    if (simd && w->kind == KIND_Q4)
-        for (int64_t m = m0; m < m1; m++) expand_row_q4(a->xq + m * w->K, w->nb, (int8_t *)a->xe + m * 4 * w->K);
+    if (simd) {
+        static const tile_fn q4[MXQ4 + 1] = {NULL, tile_q4_1, tile_q4_2, tile_q4_3, tile_q4_4,
+                                             tile_q4_4, tile_q4_4, tile_q4_4, tile_q4_8};
+        static const tile_fn q8[MXQ8 + 1] = {NULL, tile_q8_1, tile_q8_2, tile_q8_3, tile_q8_4};
+        const tile_fn *fn = w->kind == KIND_Q4 ? q4 : q8;
+        const int64_t widest = w->kind == KIND_Q4 ? MXQ4 : MXQ8;
+        while (m < mend) {
+            int64_t n = mend - m < widest ? mend - m : widest;
+            n = n > 4 && n < 8 ? 4 : n; /* 5..7 rows: a pass of 4, then the rest */
+            fn[n](w, t, a, m);
+            m += n;
+        }
+        return;
+    }
 #endif
+    (void)simd;
+    for (; m < mend; m++) tile_scalar(w, t, a, m);
+}
+
+/* The work of thread `tid` of `nt`: its share of activation rows to quantise, a barrier, then its
+   contiguous range of weight tiles against all rows, in chunks of rows small enough to stay in L1. */
+static void run_thread(const weights *w, const float *x, const acts *a, int simd, int tid, int nt) {
+    int64_t m0 = a->M * tid / nt, m1 = a->M * (tid + 1) / nt, nb = w->nb;
+    float *xsd = (float *)a->xsd;
+    corral_quantize_rows(x + m0 * w->K, m1 - m0, w->K, (int8_t *)a->xq + m0 * w->K, (float *)a->xd + m0 * nb,
+                         xsd + m0 * nb, simd);
+    for (int64_t i = m0 * nb; i < m1 * nb; i++) xsd[i] *= a->xd[i]; /* sums -> xd * sum */
 #pragma omp barrier
     int64_t t0 = w->T * tid / nt, t1 = w->T * (tid + 1) / nt;
-    for (int64_t mc = 0; mc < a->M; mc += MCHUNK) {
-        int64_t mend = mc + MCHUNK < a->M ? mc + MCHUNK : a->M;
-        for (int64_t t = t0; t < t1; t++) {
-            int64_t m = mc;
-#if CORRAL_AVX2
-            if (simd && w->kind == KIND_Q4) {
-                static void (*const rest[4])(const weights *, int64_t, const acts *, int64_t) = {
-                    NULL, tile_q4_1, tile_q4_2, tile_q4_3};
-                for (; m + 4 <= mend; m += 4) tile_q4_4(w, t, a, m);
-                if (m < mend) rest[mend - m](w, t, a, m);
-                continue;
-            }
-            if (simd) {
-                for (; m + 2 <= mend; m += 2) tile_q8_2(w, t, a, m, dsc);
-                if (m < mend) tile_q8_1(w, t, a, m, dsc);
-                continue;
-            }
-#endif
-            for (; m < mend; m++) tile_scalar(w, t, a, m);
-        }
+    int64_t rows = (XCHUNK / w->K) & ~(int64_t)7;
+    rows = rows < 8 ? 8 : rows;
+    for (int64_t mc = 0; mc < a->M; mc += rows) {
+        int64_t mend = mc + rows < a->M ? mc + rows : a->M;
+        for (int64_t t = t0; t < t1; t++) tile_rows(w, t, a, mc, mend, simd);
     }
 }
 
@@ -366,17 +341,14 @@ int corral_matmul(int kind, const float *x, int64_t M, int64_t K, int64_t N, con
 #else
     simd = 0;
 #endif
-    /* one allocation: xq (M, K) int8 | xe (M, 4K) int8 (Q4 SIMD only) | xd, xs (M, nb) fp32
-       | per-thread dsc (MXQ8, nb, TR) fp32 */
+    /* one allocation: xq (M, K) int8 | xd, xsd (M, nb) fp32 */
     size_t xq_bytes = ((size_t)(M * K) + 63) & ~(size_t)63;
-    size_t xe_bytes = simd && kind == KIND_Q4 ? 4 * xq_bytes : 0;
-    size_t dsc_floats = (size_t)(MXQ8 * nb * TR);
-    char *buf = malloc(xq_bytes + xe_bytes + sizeof(float) * (2 * (size_t)(M * nb) + (size_t)nt * dsc_floats));
+    char *buf = malloc(xq_bytes + sizeof(float) * 2 * (size_t)(M * nb));
     if (!buf) return -1;
-    float *xd = (float *)(buf + xq_bytes + xe_bytes), *xs = xd + M * nb, *dsc = xs + M * nb;
-    acts a = {M, (const int8_t *)buf, (const int8_t *)(buf + xq_bytes), xd, xs, y};
+    float *xd = (float *)(buf + xq_bytes), *xsd = xd + M * nb;
+    acts a = {M, (const int8_t *)buf, xd, xsd, y};
     if (nt == 1) {
-        run_thread(&w, x, &a, dsc, simd, 0, 1);
+        run_thread(&w, x, &a, simd, 0, 1);
     } else {
 #pragma omp parallel num_threads(nt)
         {
@@ -385,7 +357,7 @@ int corral_matmul(int kind, const float *x, int64_t M, int64_t K, int64_t N, con
 #else
             int tid = 0, team = 1;
 #endif
-            run_thread(&w, x, &a, dsc + (size_t)tid * dsc_floats, simd, tid, team);
+            run_thread(&w, x, &a, simd, tid, team);
         }
     }
     free(buf);
@@ -527,6 +499,66 @@ static void weighted_sum_kv(const float *p, const void *v, int64_t n, int hd, in
             out[i] += p[t] * kv_at(v, t * hd + i, kv_half);
 }
 
+/* e^x for eight lanes (Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2; within 2 ulp of expf).
+   A block's SwiGLU and every softmax call it per element, and scalar expf cost as much as the attention
+   arithmetic of a short batched decode. x is clamped to [-87.3, 88.37]: the result stays normal and finite. */
+#if CORRAL_AVX2
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.37f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* s[t] = e^(s[t] - best) for t < n; returns their sum. */
+static float exp_shifted(float *s, int64_t n, float best) {
+    int64_t t = 0;
+    float total = 0.0f;
+#if CORRAL_AVX2
+    __m256 acc = _mm256_setzero_ps(), b = _mm256_set1_ps(best);
+    for (; t + 8 <= n; t += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), b));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int i = 0; i < 8; i++)
+        total += lanes[i];
+#endif
+    for (; t < n; t++) {
+        s[t] = expf(s[t] - best);
+        total += s[t];
+    }
+    return total;
+}
+
+/* out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up */
+static void swiglu(const float *gate, const float *up, int64_t n, float *out) {
+    int64_t i = 0;
+#if CORRAL_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 sig = _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++)
+        out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 /* One head of one row: rotate q, score every cached position, softmax, weighted sum of values. */
 static void attend_head(const float *q, const float *cs, const float *sn, const void *kh, const void *vh, int hd,
                         int64_t pos, float scale, int kv_half, float *s, float *qh, float *out) {
@@ -535,12 +567,7 @@ static void attend_head(const float *q, const float *cs, const float *sn, const 
     float best = -INFINITY;
     for (int64_t t = 0; t <= pos; t++)
         best = s[t] > best ? s[t] : best;
-    float total = 0.0f;
-    for (int64_t t = 0; t <= pos; t++) {
-        s[t] = expf(s[t] - best);
-        total += s[t];
-    }
-    const float inv = 1.0f / total;
+    const float inv = 1.0f / exp_shifted(s, pos + 1, best);
     for (int64_t t = 0; t <= pos; t++)
         s[t] *= inv;
     weighted_sum_kv(s, vh, pos + 1, hd, kv_half, out);
@@ -648,12 +675,8 @@ int corral_block_step(float *h, int64_t R, int dim, const float *attn_norm, cons
         h[i] += xn[i];
     rms_norm_rows(h, ffn_norm, R, dim, eps, xn);
     rc |= corral_linear(w13, xn, R, g, nthreads, simd);
-    for (int64_t r = 0; r < R; r++) {
-        const float *gate = g + r * 2 * hidden, *up = gate + hidden;
-        float *ar = a + r * hidden;
-        for (int i = 0; i < hidden; i++)
-            ar[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-    }
+    for (int64_t r = 0; r < R; r++)
+        swiglu(g + r * 2 * hidden, g + r * 2 * hidden + hidden, hidden, a + r * hidden);
     rc |= corral_linear(w2, a, R, xn, nthreads, simd);
     for (int64_t i = 0; i < R * dim; i++)
         h[i] += xn[i];
