@@ -197,7 +197,10 @@ static inline __attribute__((always_inline)) void tile_q4(const weights *w, int6
     const float *xd = a->xd + m * nb, *xsd = a->xsd + m * nb;
     __m256 acc[MXQ4];
     UNROLL for (int i = 0; i < mx; i++) acc[i] = _mm256_setzero_ps();
+    const char *next = (const char *)(q + nb * TR * 16); /* the next tile's codes: fetched while this one runs */
     for (int64_t b = 0; b < nb; b++) {
+        _mm_prefetch(next + b * TR * 16, _MM_HINT_T0);
+        _mm_prefetch(next + b * TR * 16 + 64, _MM_HINT_T0);
         const __m256i *qb = (const __m256i *)(q + b * TR * 16);
         __m256i lo[4], hi[4];
         UNROLL for (int c = 0; c < 4; c++) {
@@ -235,7 +238,9 @@ static inline __attribute__((always_inline)) void tile_q8(const weights *w, int6
     const float *xd = a->xd + m * nb;
     __m256 acc[MXQ8];
     UNROLL for (int i = 0; i < mx; i++) acc[i] = _mm256_setzero_ps();
+    const char *next = (const char *)(q + nb * TR * 32);
     for (int64_t b = 0; b < nb; b++) {
+        UNROLL for (int line = 0; line < 4; line++) _mm_prefetch(next + b * TR * 32 + line * 64, _MM_HINT_T0);
         const __m256i *qb = (const __m256i *)(q + b * TR * 32);
         __m256i wv[8], aw[8];
         UNROLL for (int c = 0; c < 8; c++) {
