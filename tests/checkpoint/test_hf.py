@@ -288,8 +288,8 @@ def test_load_hf_refuses_index_entries_that_are_not_found(saved, tmp_path):
     with pytest.raises(FormatError, match="missing: model-00099-of-00099") as info:
         load_hf(path)
     assert info.value.field == "model.layers.0.mlp.up_proj.weight"
-    other = next(f for f in set(index["weight_map"].values()) if f != index["weight_map"]["model.norm.weight"]
-                 and f.startswith("model-0"))
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"]["model.norm.weight"]
+                 and f.startswith("model-0") and "00099" not in f)  # a real shard, not the missing one set above
     index["weight_map"]["model.layers.0.mlp.up_proj.weight"] = other
     index["weight_map"]["model.norm.weight"] = other
     index_path.write_text(json.dumps(index))
