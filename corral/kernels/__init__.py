@@ -96,6 +96,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.corral_linear.restype = i32
     lib.corral_quantize_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32]
     lib.corral_quantize_rows.restype = None
+    lib.corral_exp_inplace.argtypes = [ptr, i64]
+    lib.corral_exp_inplace.restype = ctypes.c_float
     lib.corral_attn_decode.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32, i32, ptr, i64, ptr, i32, i32]
     lib.corral_attn_decode.restype = i32
     f32 = ctypes.c_float

@@ -549,6 +549,9 @@ static float exp_shifted(float *s, int64_t n, float best) {
     return total;
 }
 
+/* x[i] = e^x[i] in place, as the softmax computes it; returns the sum (exposed for the tests). */
+float corral_exp_inplace(float *x, int64_t n) { return exp_shifted(x, n, 0.0f); }
+
 /* out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up */
 static void swiglu(const float *gate, const float *up, int64_t n, float *out) {
     int64_t i = 0;
