@@ -40,19 +40,30 @@ def test_repl_streams_sets_parameters_stops_on_ctrl_c_and_exits_on_bye(tiny_home
     child.expect_exact(">>> ")
     child.sendline("/set parameter num_predict 3000")  # long enough to be interrupted
     child.expect_exact(">>> ")
-    child.sendline('"""')
-    child.expect_exact("... ")
-    child.sendline('hello there"""')
-    chunks = []
-    deadline = time.monotonic() + 60
-    while len(chunks) < 3 and time.monotonic() < deadline:  # text keeps arriving while the answer runs
-        try:
-            chunks.append(child.read_nonblocking(4096, timeout=5))
-        except pexpect.TIMEOUT:
-            break
-    assert len(chunks) >= 3 and ">>> " not in "".join(chunks)
-    child.sendintr()  # Ctrl+C mid-answer
-    child.expect_exact("[stopped]")
+    # A random-weight model can pick a stop token early, and 2-thread matmuls can break its near-ties
+    # either way from run to run; an answer that ended before Ctrl+C arrived is asked again.
+    for attempt in range(4):
+        child.sendline('"""')
+        child.expect_exact("... ")
+        child.sendline(f'hello there {attempt}"""')
+        chunks = []
+        deadline = time.monotonic() + 60
+        while len(chunks) < 3 and time.monotonic() < deadline:  # text keeps arriving while the answer runs
+            try:
+                chunks.append(child.read_nonblocking(4096, timeout=5))
+            except pexpect.TIMEOUT:
+                break
+        assert chunks, "no answer text arrived"
+        ended = ">>> " in "".join(chunks)  # the answer ended on its own and the prompt is back
+        if len(chunks) >= 3 and not ended:
+            child.sendintr()  # Ctrl+C mid-answer
+            if child.expect_exact(["[stopped]", "Use Ctrl + d or /bye to exit."]) == 0:
+                break
+            ended = False  # Ctrl+C met the prompt: it prints a new one
+        if not ended:
+            child.expect_exact(">>> ")
+    else:
+        pytest.fail("no answer was still streaming when Ctrl+C was sent, in 4 tries")
     child.expect_exact(">>> ")
     child.sendline("/show parameters")
     child.expect(r"temperature\s+0")
