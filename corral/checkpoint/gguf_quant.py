@@ -89,7 +89,7 @@ def tensor_types(tensors: dict[str, tuple[tuple[int, ...], int]], mix: str, *, n
     every 2-D weight to that type.
     """
     if mix not in MIXES:
-        raise ConfigError(f"quantization type {mix!r} is not one of {', '.join(MIXES)}", field="type")
+        raise ConfigError(f"quantization type {mix!r} is not one of {', '.join(MIXES)}")
     base = MIXES[mix][0]
     tied = "output.weight" not in tensors
     big_gqa = n_layers == 80 and n_heads != n_kv_heads  # llama.cpp's LLM_TYPE_70B
@@ -123,10 +123,10 @@ def quantize_tensor(data: np.ndarray, ggml_type: GGMLQuantizationType) -> np.nda
     if ggml_type == T.F16:
         return data.astype(np.float16)
     if ggml_type == T.BF16:
-        raise ConfigError("writing BF16 is not supported; choose F16 or F32", field="type")
+        raise ConfigError("writing BF16 is not supported; choose F16 or F32")
     rows = data.reshape(-1, data.shape[-1])
     if not _fits(rows.shape[1], ggml_type):
-        raise ConfigError(f"rows of {rows.shape[1]} weights are not whole {ggml_type.name} blocks", field="type")
+        raise ConfigError(f"rows of {rows.shape[1]} weights are not whole {ggml_type.name} blocks")
     if ggml_type.name in QUANTIZERS:
         return _kquant(rows, QUANTIZERS[ggml_type.name])
     return gguf_quantize(rows, ggml_type)
