@@ -1,16 +1,20 @@
 """A Llama 3 tokenizer as GGUF ``tokenizer.*`` metadata, the keys llama.cpp's converter writes.
 
-From an HF directory (``tokenizer.json`` + ``tokenizer_config.json`` + ``config.json``) we follow
+From an HF directory (``tokenizer.json``, ``tokenizer_config.json``, ``config.json``) we follow
 ``convert_hf_to_gguf.py``'s byte-level BPE path (``_set_vocab_gpt2`` and gguf-py's ``SpecialVocab``):
 
-| Key | From |
-|---|---|
-| ``tokenizer.ggml.model`` / ``.pre`` | ``gpt2`` / ``llama-bpe`` (only Llama 3's split regex is accepted) |
-| ``tokens``, ``token_type`` | vocab + added tokens by id, padded to the model's vocab size with ``[PAD{i}]`` (type 5 UNUSED); added tokens marked special or looking like ``<\|...\|>`` are 3 CONTROL, other added tokens 4 USER_DEFINED, the rest 1 NORMAL |
-| ``merges`` | ``model.merges``, pairs joined by a space (a space inside a pair written as U+0120's neighbour, U+0100 + 32) |
-| ``{bos,eos,unk,sep,pad,cls,mask}_token_id`` | ``tokenizer_config.json``'s ``*_token`` text looked up in ``added_tokens``, then integer ``*_token_id`` in ``config.json`` |
-| ``add_bos_token`` / ``add_eos_token`` | the post-processor (ByteLevel: false; TemplateProcessing: whether ``single`` starts / ends with BOS / EOS), else ``tokenizer_config.json`` |
-| ``tokenizer.chat_template`` | ``tokenizer_config.json``, else ``chat_template.jinja`` |
+- ``tokenizer.ggml.model`` / ``pre``: ``gpt2`` / ``llama-bpe``; only Llama 3's split regex is accepted.
+- ``tokens`` and ``token_type``: vocab and added tokens by id, padded to the model's vocab size with
+  ``[PAD{i}]`` (5 UNUSED); added tokens marked special or shaped ``<|...|>`` are 3 CONTROL, other added
+  tokens 4 USER_DEFINED, the rest 1 NORMAL.
+- ``merges``: ``model.merges``; a pair given as a list is joined by a space, a space inside it
+  written as U+0120 (the byte-level alphabet's space).
+- ``{bos,eos,unk,sep,pad,cls,mask}_token_id``: ``tokenizer_config.json``'s ``*_token`` text looked up in
+  ``added_tokens``, then integer ``*_token_id`` in ``config.json`` (a list there is skipped).
+- ``add_{bos,eos,sep}_token``: the post-processor first (ByteLevel: false; TemplateProcessing: whether
+  ``single`` starts / ends with BOS / EOS, and a SEP/EOS between A and B in ``pair``), then
+  ``tokenizer_config.json``.
+- ``tokenizer.chat_template``: ``tokenizer_config.json``, else ``chat_template.jinja``.
 
 From Meta's ``tokenizer.model`` (tiktoken ranks) the vocabulary is the ranks in GPT-2's byte-level
 alphabet, merges are every split of a token into two tokens ordered by the merged token's rank (how
