@@ -23,7 +23,8 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 from gguf.quants import quantize
 
 from corral.checkpoint.atomic import write_atomic
-from corral.checkpoint.gguf import GGUF_TO_META, ROPE_FREQS, expected_shapes
+from corral.checkpoint.base import weight_shapes
+from corral.checkpoint.gguf import GGUF_TO_META, ROPE_FREQS
 from corral.errors import ConfigError
 from corral.model.config import ModelConfig
 from corral.model.rope import rope_frequencies
@@ -114,7 +115,7 @@ def _encode(weight: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:
 
 
 def _check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    shapes = expected_shapes(config)
+    shapes = weight_shapes(config)
     missing = [k for k in shapes if k not in state_dict]
     unexpected = [k for k in state_dict if k not in shapes]
     if missing or unexpected:
