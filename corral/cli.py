@@ -138,7 +138,7 @@ COMMANDS: dict[str, Command] = {
                     "copy a model out to a store directory, a .tar or a Corral server"),
     "convert": Command(store.cmd_convert, store.convert_arguments, "write a model in another checkpoint format"),
     "quantize": Command(store.cmd_quantize, store.quantize_arguments,
-                        "quantize a model: GGUF Q8_0/Q4_0, or runtime int8/int4"),
+                        "quantize a model: GGUF Q4_K_M/Q5_K_M/Q6_K/Q8_0/Q4_0, or runtime int8/int4"),
     "pretrain": Command(train.cmd_pretrain, train.pretrain_arguments, "pretrain a Llama 3 model from a TOML config"),
     "export": Command(train.cmd_export, train.export_arguments, "export a trained checkpoint as hf, meta or gguf"),
     "scaling sweep": Command(scaling.cmd_sweep, scaling.sweep_arguments, "train the grid of small models"),
