@@ -1,4 +1,4 @@
-"""``corral serve``: the OpenAI- and Ollama-compatible HTTP server (the CLI contract's add_parsers)."""
+"""``corral serve``: the OpenAI- and Ollama-compatible HTTP server (cli.py's COMMANDS names these)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ environment: CORRAL_HOST (host:port, default 127.0.0.1:11435), CORRAL_API_KEY, C
 CORRAL_QUANT (default --quant). See docs/server.md."""
 
 
-def add_parsers(sub: argparse._SubParsersAction, parents: list | None = None) -> None:
-    p = sub.add_parser("serve", help="run the OpenAI/Ollama-compatible HTTP server", description=DESCRIPTION,
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=parents or [])
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.description, p.epilog, p.formatter_class = DESCRIPTION, EPILOG, argparse.RawDescriptionHelpFormatter
     p.add_argument("--host", default=None, metavar="HOST[:PORT]",
                    help="address to bind (default: $CORRAL_HOST or 127.0.0.1:11435); binding beyond loopback "
                         "without an API key prints a warning")
@@ -54,7 +53,6 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list | None = None) ->
                    help="largest request body accepted; larger gets 413 (default: 8 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
-    p.set_defaults(handler=cmd_serve)
 
 
 def config_from_args(args):
