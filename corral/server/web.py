@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from corral.errors import CorralError
@@ -96,8 +96,11 @@ async def _body(request: Request, limit: int = 2 << 20, allowed: set[str] | None
 
 
 # -- the page and its files ---------------------------------------------------------------------
-@router.get("/", include_in_schema=False)
-async def index() -> Response:
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def index(request: Request) -> Response:
+    """The page for a browser; for tools, Ollama's health answer (its clients and scripts probe `GET|HEAD /`)."""
+    if "text/html" not in request.headers.get("accept", ""):
+        return PlainTextResponse("Ollama is running")
     return FileResponse(STATIC_DIR / "index.html", media_type=MEDIA_TYPES[".html"], headers=SECURITY_HEADERS)
 
 
