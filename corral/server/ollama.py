@@ -304,7 +304,9 @@ async def generate(request: Request) -> Response:
                                     chat=False)
     model, name, started, load_s = await hold_model(request, body)
     try:
-        job = await start(request, body, model, name, generate_prompt(model, body), started, load_s)
+        # A `template` is client code: rendered in a worker thread within its budget, so it cannot stall the loop.
+        ids = await asyncio.to_thread(generate_prompt, model, body)
+        job = await start(request, body, model, name, ids, started, load_s)
     except BaseException:
         get_state(request).pool.release(model)
         raise
@@ -350,7 +352,8 @@ async def chat(request: Request) -> Response:
                                     chat=True)
     model, name, started, load_s = await hold_model(request, body)
     try:
-        job = await start(request, body, model, name, chat_prompt(model, messages, tools), started, load_s)
+        ids = await asyncio.to_thread(chat_prompt, model, messages, tools)  # the model's TEMPLATE, off the loop
+        job = await start(request, body, model, name, ids, started, load_s)
     except BaseException:
         get_state(request).pool.release(model)
         raise

@@ -126,6 +126,53 @@ def test_root_answers_ollama_is_running_to_tools_and_the_page_to_browsers(live):
     assert browser.status_code == 200 and "<html" in browser.text.lower()
 
 
+# -- item 2: user templates ---------------------------------------------------------------------------------
+
+NESTED_LOOPS = "{% for i in range(50000) %}{% for j in range(50000) %}{% endfor %}{% endfor %}x"
+DOUBLING = "{% set ns = namespace(s='ab') %}{% for i in range(31) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+
+
+def test_a_runaway_request_template_stops_at_its_budget_and_health_answers_meanwhile(live, monkeypatch):
+    """Issue 14 item 2: an Ollama `template` with nested range(50000) loops froze every route for 75 s; now it
+    renders in a worker thread, /health answers promptly while it runs, and it ends as a 400 at the budget."""
+    from corral.tokenizer import template
+
+    monkeypatch.setattr(template, "RENDER_SECONDS", 2.0)
+    answer = {}
+
+    def generate() -> None:
+        with live.http() as h:
+            answer["r"] = h.post("/api/generate", json={"model": MODEL, "prompt": "hi", "template": NESTED_LOOPS,
+                                                         "stream": False, "options": {"num_predict": 1}})
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    waits = []
+    with live.http(timeout=10) as h:
+        time.sleep(0.3)
+        while thread.is_alive():
+            started = time.perf_counter()
+            assert h.get("/health").status_code == 200
+            waits.append(time.perf_counter() - started)
+            time.sleep(0.1)
+    thread.join()
+    assert answer["r"].status_code == 400 and "budget" in answer["r"].json()["error"]
+    assert len(waits) >= 5 and max(waits) < 1.0, waits
+
+
+def test_create_refuses_a_template_that_fails_a_trial_render(live):
+    """Issue 14 item 2: /api/create (and a Modelfile TEMPLATE) with a doubling template is a 400; nothing stored."""
+    with live.http() as h:
+        made = h.post("/api/create", json={"model": "runaway:latest", "from": MODEL, "template": DOUBLING,
+                                           "stream": False})
+        old = h.post("/api/create", json={"model": "runaway2:latest", "stream": False,
+                                          "modelfile": f'FROM {MODEL}\nTEMPLATE """{DOUBLING}"""\n'})
+        names = [m["name"] for m in h.get("/api/tags").json()["models"]]
+    assert made.status_code == 400 and "budget" in made.json()["error"]
+    assert old.status_code == 400 and "budget" in old.json()["error"]
+    assert "runaway:latest" not in names and "runaway2:latest" not in names
+
+
 # -- item 4: slow and half-sent requests ---------------------------------------------------------------------
 
 def _connect(url: str) -> socket.socket:
