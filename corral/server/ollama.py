@@ -220,12 +220,9 @@ def fim_prompt(model: LoadedModel, prompt: str, suffix: str) -> list[int]:
 
 def _template_format(model: LoadedModel, template: str):
     """A request's TEMPLATE: Jinja, like a Modelfile's (Go templates are not supported)."""
-    from corral.tokenizer.template import JinjaChatFormat
+    from corral.tokenizer.template import template_chat_format
 
-    tok = model.llm.tokenizer
-    names = {i: t for t, i in tok.special_tokens.items()}
-    return JinjaChatFormat(template, tok, bos_token=names.get(tok.bos_id, ""), eos_token=names.get(tok.eos_id, ""),
-                           stop_ids=model.llm.stop_ids)
+    return template_chat_format(template, model.llm.tokenizer, stop_ids=model.llm.stop_ids)
 
 
 def _context(body: dict, vocab: int) -> list[int]:
