@@ -28,7 +28,7 @@ from corral.store.modelfile import ROLES, parse_parameter
 from corral.store.names import InvalidNameError, check_digest, parse_name
 
 RUNTIME_QUANTS = ("int8", "int4")
-GGUF_QUANTS = ("q8_0", "q4_0")
+GGUF_QUANTS = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")  # Ollama spells them q4_K_M; compared lowercased
 
 
 def _stored(store, source: str, field: str) -> str:
@@ -150,7 +150,8 @@ def modelfile_of(store, body: dict) -> tuple[Modelfile, dict[str, Path]]:
 
 
 def _quantize(store, mf: Modelfile, qtype: str, scratch: Path) -> Modelfile:
-    """GGUF Q8_0/Q4_0: new weights written to scratch; the stored base's template and the rest carry over."""
+    """GGUF mixes (Q4_K_M ... Q4_0): new weights written to scratch; the stored base's template and the rest carry
+    over."""
     from corral.store.convert import quantize_gguf
 
     source = Path(mf.from_)
