@@ -61,17 +61,17 @@ def _public_names() -> dict[str, str]:
 PUBLIC = _public_names()
 
 
-def module_name(path: Path) -> str:
-    parts = ("corral", *path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = ("corral", *path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_module(name: str) -> bool:
+def _is_module(name: str, root: Path = ROOT) -> bool:
     rel = Path(*name.split(".")[1:])
-    return (ROOT / rel).with_suffix(".py").is_file() or (ROOT / rel / "__init__.py").is_file()
+    return (root / rel).with_suffix(".py").is_file() or (root / rel / "__init__.py").is_file()
 
 
-def _targets(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool) -> list[str]:
+def _targets(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, root: Path) -> list[str]:
     """The modules an import statement loads (corral's own, resolved; others as written)."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
@@ -85,7 +85,7 @@ def _targets(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool)
     out = []
     for alias in node.names:
         sub = f"{module}.{alias.name}"
-        if _is_module(sub):
+        if _is_module(sub, root):
             out.append(sub)
         elif module == "corral" and alias.name in PUBLIC:
             out.append(PUBLIC[alias.name])
@@ -100,16 +100,16 @@ def _attribute_targets(tree: ast.AST) -> list[str]:
             and isinstance(n.value, ast.Name) and n.value.id == "corral" and n.attr in PUBLIC]
 
 
-def imports(path: Path, *, module_level_only: bool = False) -> set[str]:
+def imports(path: Path, *, module_level_only: bool = False, root: Path = ROOT) -> set[str]:
     tree = ast.parse(path.read_text())
-    importer, is_package = module_name(path), path.name == "__init__.py"
+    importer, is_package = module_name(path, root), path.name == "__init__.py"
     names: set[str] = set()
     if module_level_only:
         stack = list(tree.body)
         while stack:  # statements that run at import: module body, if/try/with blocks, class bodies
             node = stack.pop()
             if isinstance(node, ast.Import | ast.ImportFrom):
-                names.update(_targets(node, importer, is_package))
+                names.update(_targets(node, importer, is_package, root))
             elif isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
                 stack.extend(node.orelse)
             elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
@@ -117,7 +117,7 @@ def imports(path: Path, *, module_level_only: bool = False) -> set[str]:
         return names
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
-            names.update(_targets(node, importer, is_package))
+            names.update(_targets(node, importer, is_package, root))
     return names | set(_attribute_targets(tree))
 
 
@@ -160,20 +160,16 @@ def test_imports_run_one_way(path):
 
 def test_relative_and_package_imports_are_resolved(tmp_path):
     """The rules see through `from corral import X`, `corral.load(...)` and relative imports."""
-    (tmp_path / "engine").mkdir()
+    for folder in ("engine", "server"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "cli.py").write_text("")
+    (tmp_path / "server" / "app.py").write_text("")
     probe = tmp_path / "engine" / "probe.py"
     probe.write_text("import corral\nfrom corral import load, cli\nfrom ..server import app\nfrom . import x\n"
-                     "def f():\n    return corral.load()\n")
-    global ROOT
-    old, ROOT = ROOT, tmp_path
-    try:
-        (tmp_path / "cli.py").write_text("")
-        (tmp_path / "server").mkdir()
-        (tmp_path / "server" / "app.py").write_text("")
-        found = imports(probe)
-    finally:
-        ROOT = old
-    assert {"corral.llm", "corral.cli", "corral.server.app", "corral.engine"} <= found
+                     "def f():\n    import corral.store\n    return corral.load()\n")
+    found = imports(probe, root=tmp_path)
+    assert {"corral.llm", "corral.cli", "corral.server.app", "corral.engine", "corral.store"} <= found
+    assert "corral.store" not in imports(probe, root=tmp_path, module_level_only=True)  # inside a function
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "model").glob("*.py")), ids=lambda p: p.name)
