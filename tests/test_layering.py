@@ -148,14 +148,25 @@ def test_the_table_itself_runs_one_way():
             assert not {"server", "cli", "repl"} & MAY_IMPORT[package], package
 
 
+def violations(path: Path, root: Path = ROOT) -> list[str]:
+    package = path.relative_to(root).parts[0].removesuffix(".py")
+    allowed = {package} | SHARED | MAY_IMPORT.get(package, set())
+    return sorted(n for n in imports(path, root=root) if n.split(".")[0] == "corral" and len(n.split(".")) > 1
+                  and n.split(".")[1] not in allowed)
+
+
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_run_one_way(path):
-    package = package_of(path)
-    for name in imports(path):
-        parts = name.split(".")
-        if parts[0] != "corral" or len(parts) < 2 or parts[1] in {package} | SHARED:
-            continue
-        assert parts[1] in MAY_IMPORT.get(package, set()), f"{path.relative_to(ROOT)} imports {name}"
+    assert not violations(path), f"{path.relative_to(ROOT)} imports {violations(path)}"
+
+
+def test_an_upward_import_is_caught(tmp_path):
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "probe.py").write_text("from corral.model import llama\nfrom corral.repl import answer\n")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "probe.py").write_text("def f():\n    from corral.server import pool\n")
+    assert violations(tmp_path / "engine" / "probe.py", tmp_path) == ["corral.repl"]
+    assert violations(tmp_path / "store" / "probe.py", tmp_path) == ["corral.server"]
 
 
 def test_relative_and_package_imports_are_resolved(tmp_path):
