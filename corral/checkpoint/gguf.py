@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from corral.checkpoint.base import Checkpoint
+from corral.checkpoint.base import Checkpoint, weight_shapes
 from corral.checkpoint.gguf_reader import GGUFFile, TensorInfo, read_gguf
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
@@ -154,26 +154,9 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     return config
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Meta name -> torch shape of every weight a model with `config` has."""
-    d, hd, hidden = config.dim, config.head_dim, config.hidden_dim
-    shapes = {"tok_embeddings.weight": (config.vocab_size, d), "norm.weight": (d,)}
-    if not config.tie_embeddings:
-        shapes["output.weight"] = (config.vocab_size, d)
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (config.n_heads * hd, d), p + "attention.wk.weight": (config.kv_heads * hd, d),
-            p + "attention.wv.weight": (config.kv_heads * hd, d), p + "attention.wo.weight": (d, config.n_heads * hd),
-            p + "feed_forward.w1.weight": (hidden, d), p + "feed_forward.w3.weight": (hidden, d),
-            p + "feed_forward.w2.weight": (d, hidden), p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
-        })
-    return shapes
-
-
 def _tensor_names(gguf: GGUFFile, config: ModelConfig) -> dict[str, str]:
     """Meta name -> GGUF name for every weight, after checking names and shapes against the config."""
-    shapes = expected_shapes(config)
+    shapes = weight_shapes(config)
     names: dict[str, str] = {}
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:

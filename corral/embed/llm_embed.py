@@ -1,9 +1,8 @@
 """Embeddings from a generative model, as Ollama's /api/embed gives for any model.
 
 The vector is the mean over the prompt's tokens of the final-norm hidden states (the input of
-the output projection), scaled to unit length. The model is causal, so token t has seen only
-tokens 0..t; the mean still carries the whole text. Built from the Transformer's own modules
-(tok_embeddings, layers, norm) without touching the model file or the engine's KV cache.
+the output projection, ``Transformer.hidden``), scaled to unit length. The model is causal, so token t
+has seen only tokens 0..t; the mean still carries the whole text. The engine's KV cache is not touched.
 """
 
 from __future__ import annotations
@@ -15,22 +14,6 @@ import torch.nn.functional as F
 
 from corral.embed import EmbedInputError
 from corral.model.llama import Transformer
-from corral.model.rope import rope_angles, rope_frequencies
-
-
-def final_hidden_states(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Token ids (B, T), right-padded, -> final-norm hidden states (B, T, dim) float32.
-
-    Positions start at 0 for every row and attention is causal (mask None, no cache), so the
-    padding after a row's last real token cannot change that row's real positions.
-    """
-    T = tokens.shape[1]
-    positions = torch.arange(T, device=tokens.device)  # (T,)
-    cos, sin = rope_angles(rope_frequencies(model.config, tokens.device), positions)  # (T, head_dim/2)
-    h = model.tok_embeddings(tokens)  # (B, T, dim)
-    for layer in model.layers:
-        h = layer(h, cos, sin, None, None, 0)  # mask None -> causal; cache None; start_pos 0
-    return model.norm(h).float()
 
 
 def embed_with_llm(llm: Any, texts: list[str], *, truncate: bool = True, batch_size: int = 8) -> torch.Tensor:
@@ -67,6 +50,8 @@ def pooled_batch(model: Transformer, rows: list[list[int]]) -> torch.Tensor:
     # (B, T): pads follow every real token, so causal attention keeps them out of the real positions
     tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)
     mask = torch.tensor([[1.0] * len(r) + [0.0] * (T - len(r)) for r in rows], device=device)[..., None]  # (B, T, 1)
-    h = final_hidden_states(model, tokens)  # (B, T, dim)
+    # Positions start at 0 for every row and attention is causal (no mask, no cache), so the padding after
+    # a row's last real token cannot change that row's real positions.
+    h = model.hidden(tokens).float()  # (B, T, dim) final-norm hidden states
     pooled = (h * mask).sum(1) / mask.sum(1)  # (B, dim); every row has at least one token
     return F.normalize(pooled, p=2, dim=-1).cpu()

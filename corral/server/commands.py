@@ -19,7 +19,8 @@ EPILOG = """examples:
   curl localhost:11435/v1/chat/completions -d '{"model":"smollm2:135m","messages":[{"role":"user","content":"Hi"}]}'
 
 environment: CORRAL_HOST (host:port, default 127.0.0.1:11435), CORRAL_API_KEY, CORRAL_HOME (the store),
-CORRAL_QUANT (default --quant). See docs/server.md."""
+CORRAL_QUANT (default --quant), CORRAL_ORIGINS (browser origins allowed besides the server's own).
+See docs/server.md."""
 
 
 def serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,11 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight dtype after loading (default: float32)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every route but /health (default: $CORRAL_API_KEY)")
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a browser origin besides the server's own allowed to call it, e.g. http://localhost:3000 "
+                        "or http://localhost:* (repeatable; added to $CORRAL_ORIGINS, comma-separated)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open connections at once; more are answered 503 and closed (default: 1000)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES",
                    help="largest request body accepted; larger gets 413 (default: 8 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -68,7 +74,8 @@ def config_from_args(args):
     if args.port is not None:
         config.port = args.port
     for flag, attr in (("parallel", "parallel"), ("queue", "max_queue"), ("max_loaded", "max_loaded"),
-                       ("context", "context_length"), ("max_body", "max_body_bytes")):
+                       ("context", "context_length"), ("max_body", "max_body_bytes"),
+                       ("max_connections", "max_connections")):
         value = getattr(args, flag)
         if value is not None:
             if value < (0 if flag == "queue" else 1):
@@ -83,6 +90,7 @@ def config_from_args(args):
     config.dtype = args.dtype
     config.api_key = args.api_key or config.api_key
     config.preload = list(args.model or [])
+    config.allow_origins += list(args.allow_origin or [])
     return config
 
 
@@ -90,6 +98,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from corral.server.app import build_app
+    from corral.server.connections import uvicorn_config
     from corral.server.security import warn_if_exposed
     from corral.server.state import ServerState
 
@@ -97,5 +106,5 @@ def cmd_serve(args) -> int:
     warn_if_exposed(config)
     app = build_app(ServerState.create(config))
     host = config.host.strip("[]")
-    uvicorn.run(app, host=host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn_config(app, config, host=host, port=config.port, log_level=args.log_level)).run()
     return 0

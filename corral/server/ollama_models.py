@@ -29,7 +29,7 @@ from corral.errors import ModelNotFoundError
 from corral.server.errors import BadRequest
 from corral.server.ollama_registry import ingest_request_body
 from corral.server.ollama_wire import flag, iso, name_field, ns, progress_response, read_body
-from corral.server.state import get_state, parse_keep_alive
+from corral.server.state import DEFAULT_MODEL, get_state, parse_keep_alive
 
 router = APIRouter()
 LONG_LIST = 16  # model_info lists longer than this (the vocabulary, merges) are null unless verbose, as in Ollama
@@ -43,7 +43,19 @@ def details_of(config: dict) -> dict:
 
 
 # -- tags, show, ps -------------------------------------------------------------------------------
+def _register_embedded(store) -> None:
+    """The embedded SmolLM2 registers on first use; Ollama clients list and show models before using one, so
+    tags and show register it too (as /v1/models lists it on a fresh store)."""
+    from corral.repl import ensure_default
+
+    try:
+        ensure_default(store)
+    except ModelNotFoundError:
+        pass  # its package is not installed: there is nothing to list
+
+
 def _tags(store) -> dict:
+    _register_embedded(store)
     models = []
     for entry in store.entries():
         try:
@@ -83,6 +95,8 @@ def _show(store, name: str, verbose: bool) -> dict:
     from corral.store import Modelfile, render_modelfile
     from corral.store import manifest as mt
 
+    if name.strip().lower() in (DEFAULT_MODEL, f"library/{DEFAULT_MODEL}"):
+        _register_embedded(store)
     info = store.info(name)
     c = info.config
     gguf = info.manifest.layers_of(mt.MODEL)

@@ -14,9 +14,8 @@ that same buffer at once: dh = (p - y) W, dW += (p - y)^T h. Only (rows, vocab) 
 live; the exponentials are computed once instead of twice. ``backward`` just scales the saved
 gradients by the incoming one (grad-accumulation's 1/k).
 
-``final_hidden`` is Transformer.forward without the output projection (positions 0..T-1, no cache),
-so that the loss can take the projection over. It must stay equal to the model's forward; a test
-checks ``F.linear(final_hidden(m, x, *rope_tables(m, x)), W) == m(x)``.
+The loss takes the output projection over from the model: it runs ``Transformer.hidden`` (the trunk
+that ``forward`` also runs) and projects in chunks itself.
 """
 
 from __future__ import annotations
@@ -27,24 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from corral.model.rope import rope_angles, rope_frequencies
-
 IGNORE_INDEX = -100
 """Targets equal to this add nothing to the loss (as in F.cross_entropy)."""
-
-
-def rope_tables(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim/2) of positions 0..T-1 for token ids (B, T)."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
-    return rope_angles(rope_frequencies(model.config, tokens.device), positions)
-
-
-def final_hidden(model: nn.Module, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Token ids (B, T) -> the final-norm hidden states (B, T, dim) of a whole Transformer."""
-    h = model.tok_embeddings(tokens)  # (B, T, dim)
-    for layer in model.layers:
-        h = layer(h, cos, sin, None, None, 0)
-    return model.norm(h)
 
 
 def output_weight(model: nn.Module) -> torch.Tensor:
@@ -132,14 +115,14 @@ def build_loss(model: nn.Module, chunk_rows: int, compile: bool = False, backend
         return lambda x, y: reference_loss(model, x, y)
 
     def trunk(tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return final_hidden(model, tokens, cos, sin)
+        return model.hidden(tokens, rope=(cos, sin))  # (B, T, dim)
 
     # The rotary tables are computed outside the compiled graph: inside it, inductor fuses cos/sin into
     # every consumer and recomputes them per (B, T, head) element in each layer, forward and backward.
     hidden = torch.compile(trunk, fullgraph=True, backend=backend) if compile else trunk
 
     def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        h = hidden(inputs, *rope_tables(model, inputs))  # (B, T, dim)
+        h = hidden(inputs, *model.rope_tables(inputs.shape[1], device=inputs.device))  # (B, T, dim)
         return linear_cross_entropy(h, output_weight(model), targets, chunk_rows)
 
     return loss

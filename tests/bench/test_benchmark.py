@@ -13,7 +13,7 @@ import torch
 from corral.bench import harness as bench
 from corral.bench import runtimes
 from corral.bench.runtimes import BenchSpec, ChildResult
-from corral.checkpoint.gguf import expected_shapes
+from corral.checkpoint.base import weight_shapes
 from corral.checkpoint.gguf_write import export_gguf
 from corral.model.config import ModelConfig
 from corral.tokenizer.bpe import byte_to_unicode
@@ -38,7 +38,7 @@ def tiny_tokenizer_meta() -> dict:
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
-    state = {name: torch.randn(shape, generator=gen) * 0.1 for name, shape in expected_shapes(TINY).items()}
+    state = {name: torch.randn(shape, generator=gen) * 0.1 for name, shape in weight_shapes(TINY).items()}
     for name in state:
         if name.endswith("norm.weight"):
             state[name] = torch.ones_like(state[name])

@@ -9,7 +9,7 @@ import torch
 
 import corral
 from corral.embed import EmbedInputError, embed_with_llm
-from corral.embed.llm_embed import final_hidden_states, pooled_batch
+from corral.embed.llm_embed import pooled_batch
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -37,7 +37,7 @@ def test_hidden_states_reproduce_the_model_logits(llm):
     # The model's own forward is the oracle: projecting our states must give its logits.
     ids = torch.tensor([llm.tokenizer.encode(TEXTS[0], bos=llm.add_bos)])
     with torch.inference_mode():
-        h = final_hidden_states(llm.model, ids)  # (1, T, dim)
+        h = llm.model.hidden(ids).float()  # (1, T, dim)
         logits = llm.model(ids)
         head = llm.model.tok_embeddings.weight if llm.model.output is None else llm.model.output.weight
         assert (h @ head.float().T - logits).abs().max().item() < 1e-4

@@ -59,6 +59,7 @@ def start_server(home, **overrides) -> LiveServer:
     import uvicorn
 
     from corral.server.app import build_app
+    from corral.server.connections import uvicorn_config
     from corral.server.state import ServeConfig, ServerState
     from corral.store import Store
 
@@ -71,8 +72,7 @@ def start_server(home, **overrides) -> LiveServer:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config.port = port
-    server = uvicorn.Server(uvicorn.Config(build_app(state, ROUTERS), log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(build_app(state, ROUTERS), config, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 60

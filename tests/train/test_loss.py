@@ -10,7 +10,7 @@ from train_fixtures import tiny_config, write_tiny_data
 from corral.errors import ConfigError
 from corral.model.config import ModelConfig
 from corral.model.llama import Transformer, init_weights_
-from corral.train.loss import build_loss, final_hidden, linear_cross_entropy, output_weight, rope_tables
+from corral.train.loss import build_loss, linear_cross_entropy, output_weight
 from corral.train.pretrain import read_metrics, run_pretrain
 
 
@@ -55,11 +55,13 @@ def test_linear_cross_entropy_without_grad_builds_no_graph():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_final_hidden_then_output_projection_equals_model_forward(tied):
+def test_hidden_then_output_projection_equals_model_forward(tied):
+    # The loss projects model.hidden's states itself, with precomputed rotary tables; both must give forward's logits.
     model = _tiny_model(tied)
     tokens = torch.randint(0, 64, (2, 12))
-    hidden = final_hidden(model, tokens, *rope_tables(model, tokens))  # (B, T, dim)
+    hidden = model.hidden(tokens, rope=model.rope_tables(12))  # (B, T, dim)
     assert torch.equal(F.linear(hidden, output_weight(model)), model(tokens))
+    assert torch.equal(model.hidden(tokens), hidden)
 
 
 def test_chunked_loss_run_matches_reference_loss_run(tmp_path):
