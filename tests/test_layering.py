@@ -28,9 +28,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "errors": set(),
     "config": set(),
     "model": set(),
-    "kernels": {"model"},
     "tokenizer": set(),
-    "checkpoint": {"model", "kernels", "tokenizer"},
+    "checkpoint": {"model", "tokenizer"},
+    "kernels": {"model", "checkpoint"},  # the C kernels fall back to checkpoint's GGUF block decoders
     "engine": _BELOW_ENGINE,
     "llm": _BELOW_ENGINE | {"engine"},
     "embed": _INFERENCE,

@@ -86,8 +86,8 @@ def start_server(home, **overrides) -> LiveServer:
 @pytest.fixture(scope="session")
 def corral_home(tmp_path_factory):
     """A store with the embedded model registered once for the whole session."""
-    from corral.store.load import ensure_default
     from corral.store import Store
+    from corral.store.load import ensure_default
 
     home = tmp_path_factory.mktemp("corral_home")
     old = os.environ.get("CORRAL_HOME")
