@@ -132,16 +132,17 @@ def load_model(store, name: str, path: Path | None, options: LoadOptions) -> Loa
     kwargs = {"max_batch_size": options.parallel, "max_seq_len": options.context_length}
     if options.dtype:
         kwargs["dtype"] = getattr(torch, options.dtype)
-    if path is None:
+    if path is None:  # a stored model: its manifest, quant, PARAMETERs and SYSTEM come with it
         llm, info = load_stored(store, name, quant=options.quant, **kwargs)
-        path, quant, config = store.model_path(name), info.config.get("quant") or options.quant, info.config
+        path, config = store.model_path(name), info.config
+        quant = config.get("quant") or options.quant
         manifest, size = info.manifest.to_bytes(), info.manifest.total_size()
-        options_, system = dict(info.parameters), info.system
-    else:
+        defaults, system = dict(info.parameters), info.system
+    else:  # a file the operator registered (corral serve --model PATH)
         llm, quant, config = load(path, quant=options.quant, **kwargs), options.quant, {}
         llm.name = name
         manifest, size = str(path.resolve()).encode(), _path_size(path)
-        options_, system = {}, None
+        defaults, system = {}, None
     details = {"format": config.get("model_format", path.suffix.lstrip(".") or "dir"),
                "family": config.get("model_family", "llama"), "families": config.get("model_families", ["llama"]),
                "parameter_size": config.get("model_type", ""),
@@ -149,7 +150,7 @@ def load_model(store, name: str, path: Path | None, options: LoadOptions) -> Loa
     now = time.time()
     return LoadedModel(name, llm, Scheduler(llm.engine, max_queue=options.max_queue),
                        "sha256:" + hashlib.sha256(manifest).hexdigest(), size, now, details=details, last_used=now,
-                       options=options_, system=system)
+                       options=defaults, system=system)
 
 
 def _path_size(path: Path) -> int:
