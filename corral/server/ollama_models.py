@@ -46,9 +46,9 @@ def details_of(config: dict) -> dict:
 
 # -- tags, show, ps -------------------------------------------------------------------------------
 def _register_embedded(store) -> None:
-    """The embedded SmolLM2 registers on first use; Ollama clients show a model before using it, so /api/show
-    registers it too."""
-    from corral.repl import ensure_default
+    """The embedded SmolLM2 registers on first use; Ollama clients list and show models before using one, so
+    tags and show register it too (as /v1/models lists it on a fresh store)."""
+    from corral.store.load import ensure_default
 
     try:
         ensure_default(store)
