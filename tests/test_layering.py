@@ -26,7 +26,7 @@ _INFERENCE = _BELOW_ENGINE | {"engine", "llm"}
 # (eval, posttrain, safety) have rows so that the first file added to them is already held.
 MAY_IMPORT: dict[str, set[str]] = {
     "errors": set(),
-    "config": set(),
+    "config": set(),  # the typed TOML loader every *Config uses (shared, like errors)
     "model": set(),
     "tokenizer": set(),
     "checkpoint": {"model", "tokenizer"},
@@ -35,14 +35,13 @@ MAY_IMPORT: dict[str, set[str]] = {
     "llm": _BELOW_ENGINE | {"engine"},
     "embed": _INFERENCE,
     "store": _INFERENCE,
-    "config": set(),  # the typed TOML loader every *Config uses
-    "safety": _INFERENCE | {"store", "data", "config"},
-    "data": {"tokenizer", "config"},
-    "train": _INFERENCE | {"store", "data", "config"},
-    "eval": _INFERENCE | {"store", "data", "train", "config"},
-    "posttrain": _INFERENCE | {"store", "data", "train", "eval", "safety", "config"},
-    "bench": _INFERENCE | {"store", "data", "train", "embed", "config"},
-    "server": _INFERENCE | {"store", "safety", "embed", "config"},
+    "safety": _INFERENCE | {"store", "data"},
+    "data": {"tokenizer"},
+    "train": _INFERENCE | {"store", "data"},
+    "eval": _INFERENCE | {"store", "data", "train"},
+    "posttrain": _INFERENCE | {"store", "data", "train", "eval", "safety"},
+    "bench": _INFERENCE | {"store", "data", "train", "embed"},
+    "server": _INFERENCE | {"store", "safety", "embed"},
     "repl": _INFERENCE | {"store", "safety"},
     "cli": set(),  # filled below: the CLI may import anything
     "__main__": {"cli"},
