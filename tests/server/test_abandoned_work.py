@@ -53,6 +53,7 @@ def long_text(server) -> str:
     return tok.decode(ids[:LONG])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_leaving_during_prefill_stops_the_prefill(long_server, stream):
     engine = long_server.model().llm.engine
@@ -67,6 +68,7 @@ def test_a_client_leaving_during_prefill_stops_the_prefill(long_server, stream):
     assert max(len(k) for k in engine.kept) < LONG
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ["/v1/embeddings", "/api/embed"])
 def test_a_client_leaving_an_embedding_stops_it(long_server, route):
     body = {"model": MODEL, "input": long_text(long_server)}
