@@ -12,6 +12,7 @@ blocks become F16, as llama.cpp does. Other sources are first exported as an F32
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -101,8 +102,13 @@ def _write_requantized(src: Path, tmp: Path, qtype: str, tick: Callable[[int], N
             writer.close()
 
 
-def quantize_gguf(source: Path, dest: Path, qtype: str, tick: Callable[[int], None] | None = None) -> Path:
-    """Write `source` (a GGUF file, or any checkpoint) as a GGUF with 2-D weights in `qtype` at `dest`."""
+def quantize_gguf(source: Path, dest: Path, qtype: str, tick: Callable[[int], None] | None = None, *,
+                  scratch: Path | None = None) -> Path:
+    """Write `source` (a GGUF file, or any checkpoint) as a GGUF with 2-D weights in `qtype` at `dest`.
+
+    A source that is not GGUF goes through an F32 GGUF in `scratch` (the caller's owned folder, see
+    corral.store.scratch), or in a temp folder beside `dest` without one.
+    """
     from corral.checkpoint.load import detect_format
 
     if qtype not in GGUF_QUANTS:
@@ -110,8 +116,10 @@ def quantize_gguf(source: Path, dest: Path, qtype: str, tick: Callable[[int], No
     if detect_format(source) == "gguf" and source.is_file():
         write_atomic(dest, lambda tmp: _write_requantized(source, tmp, qtype, tick))
         return dest
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".quantize-") as scratch:
-        f32 = Path(scratch) / "f32.gguf"
+    with contextlib.ExitStack() as stack:
+        work = scratch or Path(stack.enter_context(tempfile.TemporaryDirectory(dir=dest.parent, prefix=".quantize-")))
+        f32 = work / "f32.gguf"
+        stack.callback(f32.unlink, missing_ok=True)
         convert_checkpoint(source, f32, "gguf", "F32")
         write_atomic(dest, lambda tmp: _write_requantized(f32, tmp, qtype, tick))
     return dest
