@@ -69,6 +69,11 @@ class Ticket:
             self._cancelled = True
             self._scheduler._post(("cancel", self))
 
+    def cancel_sample(self, index: int) -> None:
+        """Stop one of the n samples (a stream filter cut it); the others go on."""
+        if not self._cancelled:
+            self._scheduler._post(("cancel", self, index))
+
     async def events(self) -> AsyncIterator[TicketEvent]:
         """Events in order until all n samples are done; leaving the loop early cancels the rest."""
         try:
@@ -194,7 +199,7 @@ class Scheduler:
             if kind == "submit":
                 self._admit(*message[1:])
             elif kind == "cancel":
-                self._cancel(message[1], "cancelled")
+                self._cancel(message[1], "cancelled", message[2] if len(message) > 2 else None)
             elif kind == "close":
                 for ticket in {t for t, _ in self._owner.values()}:
                     self._cancel(ticket, "cancelled")
@@ -213,9 +218,9 @@ class Scheduler:
         for i, req in enumerate(ticket.requests):
             self._owner[req.id] = (ticket, i)
 
-    def _cancel(self, ticket: Ticket, reason: str) -> None:
-        for req in ticket.requests:
-            if not req.done:
+    def _cancel(self, ticket: Ticket, reason: str, index: int | None = None) -> None:
+        for i, req in enumerate(ticket.requests):
+            if not req.done and index in (None, i):
                 self.engine.cancel(req)
                 self._end(req, TicketEvent(self._owner[req.id][1], -1, "", finish_reason=reason))
 

@@ -141,6 +141,7 @@ async def delete(request: Request) -> Response:
     name = name_field(body, "model", "name")
     state = get_state(request)
     await asyncio.to_thread(state.store.remove, name)
+    state.metrics.forget(state.pool.resolve(name))
     # A loaded copy drains (running requests finish) and later requests get 404, as the store now says.
     await state.pool.unload(name)
     return Response(status_code=200)

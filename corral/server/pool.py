@@ -247,6 +247,10 @@ class ModelPool:
             model.keep_alive = keep_alive if keep_alive is not None else self.keep_alive
         return model
 
+    def hold(self, model: LoadedModel) -> None:
+        """One more request holds a model it already holds (a batch of prompts); each release()s once."""
+        model.active += 1
+
     def _load(self, key: str, path: Path | None) -> LoadedModel:
         try:
             return self.loader(self.store, key, path, self.options)

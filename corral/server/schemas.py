@@ -234,7 +234,8 @@ class ChatRequest:
 @dataclass
 class CompletionRequest:
     model: str | None
-    prompt: str | list[int]
+    prompts: list[str | list[int]]
+    """One prompt, or a batch: each a string or a list of token ids."""
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
@@ -333,19 +334,29 @@ def _read_response_format(f: Fields) -> ResponseFormat:
 def parse_completion(body: dict) -> CompletionRequest:
     f = Fields(body)
     model, stream, include_usage, keep_alive = _common(f)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one; larger batches are not served (one prompt per request)
-    if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt))):
-        f.bad("prompt", "a string or a non-empty list of token ids (one prompt per request)")
-        prompt = ""
+    prompts = _read_prompts(f)
     sampling = read_sampling(f, chat=False)
     echo = f.bool("echo")
     if f.present("suffix"):
         f.problems.append(("suffix", "suffix (fill-in-the-middle) is not supported"))
     if f.present("best_of") and f.body.get("best_of") != sampling.n:
         f.problems.append(("best_of", "best_of is not supported (use n)"))
-    return CompletionRequest(model, prompt, sampling, stream, include_usage, echo, keep_alive, f.problems)
+    if len(prompts) * sampling.n > MAX_N:
+        f.problems.append(("prompt", f"{len(prompts)} prompts x n={sampling.n} samples is over {MAX_N} "
+                                     "completions per request"))
+    return CompletionRequest(model, prompts, sampling, stream, include_usage, echo, keep_alive, f.problems)
+
+
+def _read_prompts(f: Fields) -> list[str | list[int]]:
+    """OpenAI's four prompt forms: a string, token ids, a list of strings, a list of token id lists."""
+    v = f.body.get("prompt")
+    if isinstance(v, str) or (isinstance(v, list) and v and all(_is_int(t) for t in v)):
+        return [v]
+    if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(
+            isinstance(p, list) and p and all(_is_int(t) for t in p) for p in v)):
+        return list(v)
+    f.bad("prompt", "a string, a list of token ids, or a non-empty list of either (a batch)")
+    return [""]
 
 
 def parse_embedding(body: dict) -> EmbeddingRequest:

@@ -367,7 +367,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    """GGUF Q8_0/Q4_0 write new weights; int8/int4 store a model that is quantized when it loads."""
+    """GGUF mixes (llama.cpp's per-tensor types and blocks) write new weights; int8/int4 store a model that is
+    quantized when it loads."""
     from corral.store import Modelfile, create_model
     from corral.store.convert import RUNTIME_QUANTS, quantize_gguf
     from corral.store.scratch import scratch_dir
@@ -442,9 +443,10 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("source", help="a stored model name or a GGUF file / HF or Meta directory")
     p.add_argument("dest", help="output file (gguf) or directory (hf, meta)")
     p.add_argument("--format", required=True, choices=["gguf", "hf", "meta"])
-    p.add_argument("--qtype", default="F32", choices=["F32", "F16", "Q8_0"], help="GGUF weight type")
-    p = add("quantize", cmd_quantize, "quantize a model: GGUF Q8_0/Q4_0, or runtime int8/int4")
+    p.add_argument("--qtype", default="F32", choices=["F32", "F16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M"],
+                   help="GGUF weight type (a llama.cpp mix)")
+    p = add("quantize", cmd_quantize, "quantize a model: GGUF Q4_K_M/Q5_K_M/Q6_K/Q8_0/Q4_0, or runtime int8/int4")
     p.add_argument("source", help="a stored model name or a model path")
-    p.add_argument("--type", required=True, choices=["Q8_0", "Q4_0", "int8", "int4"])
+    p.add_argument("--type", required=True, choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "int8", "int4"])
     p.add_argument("--name", default=None, help="stored name of the result (default: MODEL:<type>)")
     p.add_argument("-o", "--output", default=None, help="write a GGUF file here instead of storing it")

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.train.config import PretrainConfig, config_to_dict, load_config
+from corral.config import to_dict
+from corral.train.config import PretrainConfig, load_config
 
 
 @dataclass
@@ -303,7 +304,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         _restore(run, resume, state, with_loader=True)
         log.write({"step": state.step, "event": "resumed", "checkpoint": str(resume)})
     elif run.rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     guard = LossGuard(config.failure, state.guard_history)
     faults = FaultInjector(config.fault, run_dir, run.rank)
     watchdog = Watchdog(config.failure.watchdog_timeout_s, run_dir / f"watchdog_rank{run.rank}.txt").start()

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from corral.data.tokenize import prepare_shards
 from corral.errors import ConfigError
 from corral.model.llama import Transformer, init_weights_
 from corral.train.config import PretrainConfig
 from corral.train.loader import TokenLoader
 from corral.train.optim import build_optimizer, build_scheduler
 from corral.train.pretrain import Run, _seed
-from corral.train.shards import prepare_shards
 
 # Dense bf16 peak TFLOP/s per device by name fragment (vendor datasheets), for MFU.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
