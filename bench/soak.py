@@ -269,12 +269,15 @@ ACTIONS = [(openai_chat, 4), (openai_completion, 3), (openai_embeddings, 2), (ol
 
 
 # -- the run ---------------------------------------------------------------------------------------
-async def client_loop(url: str, tally: Tally, rng: random.Random, stop_at: float, budget: list[int]) -> None:
+async def client_loop(url: str, tally: Tally, rng: random.Random, stop_at: float, budget: list[int],
+                      first: list) -> None:
+    """`first` (this client's share of every action, so a short run still covers them all), then random picks."""
     actions, weights = zip(*ACTIONS)
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         while time.monotonic() < stop_at and budget[0] > 0:
             budget[0] -= 1
-            await rng.choices(actions, weights)[0](client, tally, rng)
+            action = first.pop(0) if first else rng.choices(actions, weights)[0]
+            await action(client, tally, rng)
 
 
 async def settle(url: str, timeout: float = 60) -> int:
@@ -297,7 +300,8 @@ async def soak(url: str, pid: int, args) -> dict:
     began = time.monotonic()
     stop_at = began + args.minutes * 60
     sampler = asyncio.create_task(sample_every(pid, 5.0, samples, began))
-    await asyncio.gather(*(client_loop(url, tally, random.Random(args.seed + i), stop_at, budget)
+    shares = [[action for action, _ in ACTIONS[i::args.workers]] for i in range(args.workers)]
+    await asyncio.gather(*(client_loop(url, tally, random.Random(args.seed + i), stop_at, budget, shares[i])
                            for i in range(args.workers)))
     sampler.cancel()
     left = await settle(url)
