@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd-slack", type=int, default=8, help="descriptors the server may end with beyond warm-up")
     parser.add_argument("--rss-slack-mb", type=float, default=256.0, help="RSS growth allowed over the run (MiB)")
     parser.add_argument("--json", help="also write the report to this file")
+    parser.add_argument("--log", help="keep the server's whole log here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="corral-soak-") as home:
         proc, url = start_server(Path(home), args)
@@ -359,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            result_log = (Path(home) / "serve.log").read_text()[-4000:]
+            result_log = (Path(home) / "serve.log").read_text()
+            if args.log:
+                Path(args.log).write_text(result_log)
     result["server_log_tail"] = result_log.splitlines()[-20:]
     text = json.dumps(result, indent=2)
     print(text)
