@@ -1,17 +1,17 @@
 """llama.cpp's quantization mixes: which ggml type each tensor of a Llama GGUF gets, and the blocks.
 
-A mix (``Q4_K_M``, ``Q5_K_M``, ``Q6_K``, ``Q8_0``, ``Q4_0``) names a base type and llama.cpp's rules
+A mix (``Q4_K_M``, ``Q5_K_M``, ``Q6_K``, ``Q8_0``, ``Q4_0``) names a base type; llama.cpp's rules
 (``llama_tensor_get_type`` in src/llama-quant.cpp) move some tensors to other types:
 
-| Tensor | Rule |
-|---|---|
-| ``output.weight``, or ``token_embd.weight`` when there is no output | Q8_0 if the row is not whole base blocks, Q8_0 stays Q8_0, anything else Q6_K |
-| ``blk.N.attn_v.weight`` (``_M`` mixes) | Q6_K on "more bits" layers; in a 70B shape (80 layers, GQA) Q4_K becomes Q5_K |
-| ``blk.N.ffn_down.weight`` (``_M`` mixes) | Q6_K on "more bits" layers |
-| a row that is not whole blocks of the chosen type | Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; still not whole blocks -> F16 |
-| 1-D tensors (norms, rope_freqs) | kept as they are |
+- ``output.weight``, or ``token_embd.weight`` when there is no output (tied): Q8_0 when its rows are
+  not whole base blocks, Q8_0 stays Q8_0, any other base becomes Q6_K.
+- ``attn_v`` and ``ffn_down`` in the ``_M`` mixes: Q6_K on "more bits" layers (``use_more_bits``: the
+  first and last eighth of the layers and every third layer between); in a 70B shape (80 layers, GQA)
+  an attn_v left at Q4_K becomes Q5_K.
+- rows that are not whole blocks of the chosen type fall back: Q4_K -> Q5_0, Q5_K -> Q5_1,
+  Q6_K -> Q8_0; still not whole blocks -> F16.
+- 1-D tensors (norms, rope_freqs) are kept as they are.
 
-"More bits" layers (``use_more_bits``) are the first and last eighth and every third layer between.
 A tensor already stored in its target type is copied, not requantized, as llama.cpp does.
 Blocks: Q4_K, Q5_K, Q6_K are ``corral.checkpoint.kquants``; the 32-weight types are ``gguf.quants``
 (both equal to ggml's reference quantizers bit for bit, tests/checkpoint/test_kquants.py).

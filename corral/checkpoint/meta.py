@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from corral.checkpoint.atomic import write_atomic
-from corral.checkpoint.base import Checkpoint, check_layer_count, read_json_object
+from corral.checkpoint.base import Checkpoint, check_layer_count, read_json_object, weight_shapes
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
 
@@ -38,29 +38,6 @@ SPLIT_DIM: dict[str, int | None] = {
 }
 
 
-def meta_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every Meta key a model of this shape has, with its shape; no ``output.weight`` when tied."""
-    dim, hd = config.dim, config.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (config.vocab_size, dim)}
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        shapes |= {
-            p + "attention.wq.weight": (config.n_heads * hd, dim),
-            p + "attention.wk.weight": (config.kv_heads * hd, dim),
-            p + "attention.wv.weight": (config.kv_heads * hd, dim),
-            p + "attention.wo.weight": (dim, config.n_heads * hd),
-            p + "feed_forward.w1.weight": (config.hidden_dim, dim),
-            p + "feed_forward.w3.weight": (config.hidden_dim, dim),
-            p + "feed_forward.w2.weight": (dim, config.hidden_dim),
-            p + "attention_norm.weight": (dim,),
-            p + "ffn_norm.weight": (dim,),
-        }
-    shapes["norm.weight"] = (dim,)
-    if not config.tie_embeddings:
-        shapes["output.weight"] = (config.vocab_size, dim)
-    return shapes
-
-
 def check_state_dict(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], path: Path | None,
                      layers_field: str = "n_layers") -> None:
     """Raise FormatError naming missing, unexpected or wrongly shaped tensors (Meta names).
@@ -70,7 +47,7 @@ def check_state_dict(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]
     """
     where = str(path) if path is not None else None
     check_layer_count(config.n_layers, len(state_dict), field=layers_field, path=where)
-    expected = meta_shapes(config)
+    expected = weight_shapes(config)
     missing = [k for k in expected if k not in state_dict]
     if missing:
         raise FormatError(f"missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}",

@@ -1,4 +1,4 @@
-"""``corral serve``: the OpenAI- and Ollama-compatible HTTP server (the CLI contract's add_parsers)."""
+"""``corral serve``: the OpenAI- and Ollama-compatible HTTP server (cli.py's COMMANDS names these)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ EPILOG = """examples:
   curl localhost:11435/v1/chat/completions -d '{"model":"smollm2:135m","messages":[{"role":"user","content":"Hi"}]}'
 
 environment: CORRAL_HOST (host:port, default 127.0.0.1:11435), CORRAL_API_KEY, CORRAL_HOME (the store),
-CORRAL_QUANT (default --quant). See docs/server.md."""
+CORRAL_QUANT (default --quant), CORRAL_ORIGINS (browser origins allowed besides the server's own).
+See docs/server.md."""
 
 
-def add_parsers(sub: argparse._SubParsersAction, parents: list | None = None) -> None:
-    p = sub.add_parser("serve", help="run the OpenAI/Ollama-compatible HTTP server", description=DESCRIPTION,
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=parents or [])
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.description, p.epilog, p.formatter_class = DESCRIPTION, EPILOG, argparse.RawDescriptionHelpFormatter
     p.add_argument("--host", default=None, metavar="HOST[:PORT]",
                    help="address to bind (default: $CORRAL_HOST or 127.0.0.1:11435); binding beyond loopback "
                         "without an API key prints a warning")
@@ -55,11 +55,15 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list | None = None) ->
                    help="weight dtype after loading (default: float32)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every route but /health (default: $CORRAL_API_KEY)")
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a browser origin besides the server's own allowed to call it, e.g. http://localhost:3000 "
+                        "or http://localhost:* (repeatable; added to $CORRAL_ORIGINS, comma-separated)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open connections at once; more are answered 503 and closed (default: 1000)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES",
                    help="largest request body accepted; larger gets 413 (default: 8 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
-    p.set_defaults(handler=cmd_serve)
 
 
 def config_from_args(args):
@@ -77,7 +81,8 @@ def config_from_args(args):
             raise ConfigError(f"--port must be 0-65535 (0: any free port), got {args.port}")
         config.port = args.port
     for flag, attr in (("parallel", "parallel"), ("queue", "max_queue"), ("max_loaded", "max_loaded"),
-                       ("context", "context_length"), ("max_body", "max_body_bytes")):
+                       ("context", "context_length"), ("max_body", "max_body_bytes"),
+                       ("max_connections", "max_connections")):
         value = getattr(args, flag)
         if value is not None:
             if value < (0 if flag == "queue" else 1):
@@ -92,6 +97,7 @@ def config_from_args(args):
     config.dtype = args.dtype
     config.api_key = args.api_key or config.api_key
     config.preload = list(args.model or [])
+    config.allow_origins += list(args.allow_origin or [])
     return config
 
 
@@ -130,6 +136,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from corral.server.app import build_app
+    from corral.server.connections import uvicorn_config
     from corral.server.security import warn_if_exposed
     from corral.server.state import ServerState
 
@@ -139,7 +146,6 @@ def cmd_serve(args) -> int:
     config.port = announce(sock, args.port_file)
     warn_if_exposed(config)
     app = build_app(ServerState.create(config))
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=config.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    server = uvicorn.Server(uvicorn_config(app, config, host=host, port=config.port, log_level=args.log_level))
+    server.run(sockets=[sock])  # the socket bound (and announced) above
     return 0

@@ -29,7 +29,7 @@ from corral.store.names import InvalidNameError, check_digest, parse_name
 from corral.store.scratch import scratch_dir
 
 RUNTIME_QUANTS = ("int8", "int4")
-GGUF_QUANTS = ("q8_0", "q4_0")
+GGUF_QUANTS = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")  # Ollama spells them q4_K_M; compared lowercased
 
 
 def _stored(store, source: str, field: str) -> str:
@@ -147,7 +147,8 @@ def modelfile_of(store, body: dict) -> tuple[Modelfile, dict[str, Path]]:
 
 
 def _quantize(store, mf: Modelfile, qtype: str, scratch: Path) -> Modelfile:
-    """GGUF Q8_0/Q4_0: new weights written to scratch; the stored base's template and the rest carry over."""
+    """GGUF mixes (Q4_K_M ... Q4_0): new weights written to scratch; the stored base's template and the rest carry
+    over."""
     from corral.store.convert import quantize_gguf
 
     source = Path(mf.from_)
@@ -159,7 +160,7 @@ def _quantize(store, mf: Modelfile, qtype: str, scratch: Path) -> Modelfile:
                        mf.messages or list(info.messages))
     if not source.is_file():
         raise BadRequest([("quantize", f"{qtype} needs GGUF weights; use int8 or int4 for this model")])
-    out = quantize_gguf(source, scratch / "model.gguf", qtype.upper(), scratch=scratch)
+    out = quantize_gguf(source, scratch / "model.gguf", qtype.upper())
     return Modelfile(str(out), mf.parameters, mf.template, mf.system, mf.adapters, mf.licenses, mf.messages)
 
 

@@ -1,5 +1,6 @@
 """Store subcommands for ``corral``: create, import, list, show, cp, rm, verify, ps, pull, push,
-convert, quantize. ``add_parsers`` wires them (the CLI contract); handlers import what they use."""
+convert, quantize. Each is a ``cmd_*`` handler and, where it takes any, an ``*_arguments`` function;
+cli.py's COMMANDS table wires them. Handlers import what they use."""
 
 from __future__ import annotations
 
@@ -388,7 +389,7 @@ def cmd_quantize(args) -> int:
         total = _path_size(source)
         with tqdm(total=total, desc=f"quantize {args.type}", unit="B", unit_scale=True, file=sys.stderr,
                   disable=None, leave=False) as bar:
-            quantize_gguf(source, out, args.type, bar.update, scratch=scratch)
+            quantize_gguf(source, out, args.type, bar.update)
         if not args.output:
             base = args.source if not Path(args.source).exists() else None
             mf = Modelfile(from_=str(out))
@@ -404,48 +405,59 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] = ()) -> None:
-    def add(name, handler, help, **kw):
-        p = sub.add_parser(name, help=help, description=handler.__doc__ or help, parents=list(parents), **kw)
-        p.set_defaults(handler=handler)
-        return p
-
-    p = add("create", cmd_create, "create a stored model from a Modelfile")
+# -- arguments: cli.py's COMMANDS names each of these beside its cmd_* handler ----------------------
+def create_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="[host/][namespace/]model[:tag]")
     p.add_argument("-f", "--file", default="Modelfile", help="Modelfile path (default: ./Modelfile)")
-    p = add("import", cmd_import, "store a GGUF file, HF/Meta directory or .tar archive")
+
+
+def import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path")
     p.add_argument("name", nargs="?", default=None, help="name to store it under (default: from the path)")
-    p = add("list", cmd_list, "list stored models", aliases=["ls"])
+
+
+def list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("show", cmd_show, "show a stored model's details")
+
+
+def show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     group = p.add_mutually_exclusive_group()
     for flag in ("--modelfile", "--parameters", "--template", "--system", "--license", "--json"):
         group.add_argument(flag, action="store_true")
-    p = add("cp", cmd_cp, "copy a model to a new name (no blob is copied)")
+
+
+def cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source")
     p.add_argument("dest")
-    p = add("rm", cmd_rm, "remove models; blobs no other model uses are deleted")
+
+
+def rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="+", metavar="name")
-    add("verify", cmd_verify, "re-hash every blob and check every manifest")
-    add("ps", cmd_ps, f"models a running server holds (CORRAL_HOST, default {DEFAULT_HOST})")
-    p = add("pull", cmd_pull, "copy a model in from a store directory, a .tar or a Corral server")
+
+
+def pull_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="model name in the source (ignored for a .tar)")
     p.add_argument("--from", dest="source", required=True,
                    help="a store directory (holding models/), a .tar, or a server: http(s)://host:port or host:port")
     p.add_argument("--as", dest="as_name", default=None, help="store it under another name")
-    p = add("push", cmd_push, "copy a model out to a store directory, a .tar or a Corral server")
+
+
+def push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--to", dest="dest", required=True,
                    help="a store directory, a file name ending in .tar, or a server: http(s)://host:port or host:port")
-    p = add("convert", cmd_convert, "write a model in another checkpoint format")
+
+
+def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a stored model name or a GGUF file / HF or Meta directory")
     p.add_argument("dest", help="output file (gguf) or directory (hf, meta)")
     p.add_argument("--format", required=True, choices=["gguf", "hf", "meta"])
     p.add_argument("--qtype", default="F32", choices=["F32", "F16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M"],
                    help="GGUF weight type (a llama.cpp mix)")
-    p = add("quantize", cmd_quantize, "quantize a model: GGUF Q4_K_M/Q5_K_M/Q6_K/Q8_0/Q4_0, or runtime int8/int4")
+
+
+def quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a stored model name or a model path")
     p.add_argument("--type", required=True, choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "int8", "int4"])
     p.add_argument("--name", default=None, help="stored name of the result (default: MODEL:<type>)")

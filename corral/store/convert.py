@@ -1,22 +1,21 @@
 """``corral convert`` and ``corral quantize``: rewrite a model's weights in another format or type.
 
 convert loads any checkpoint and writes it with ``corral.checkpoint.export.export_checkpoint``;
-the tokenizer goes along where the target format can hold it as is (GGUF -> GGUF metadata, HF ->
-HF tokenizer files, Meta -> Meta tokenizer.model) and a note says when it cannot.
+the tokenizer goes along where the target format can hold it (GGUF -> GGUF metadata, HF -> HF
+tokenizer files, Meta -> Meta tokenizer.model; HF or Meta -> GGUF as the ``tokenizer.*`` keys
+llama.cpp's converter writes, ``corral.tokenizer.gguf_vocab``) and a note says when it cannot.
 
 quantize writes one of llama.cpp's mixes (Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0): each tensor gets the
 type llama.cpp's quantizer would give it (``corral.checkpoint.gguf_quant``) and, from float
 weights, the same blocks byte for byte. A GGUF source is read tensor by tensor: a tensor already in
 its target type is copied, others are widened to float32 and quantized (a quantized source is
-requantized, which llama.cpp refuses without --allow-requantize). Other sources are first exported
-as an F32 GGUF with their tokenizer.
+requantized, which llama.cpp refuses without --allow-requantize). Other sources are loaded and
+written in the mix directly, with their tokenizer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,16 +46,36 @@ def convert_checkpoint(source: Path, dest: Path, fmt: str, qtype: str = "F32",
     ckpt = load_checkpoint(source, dtype=torch.float32)
     if step:
         step("writing")
+    notes: list[str] = []
     metadata = ckpt.metadata if ckpt.format == "gguf" else None
+    if fmt == "gguf" and ckpt.format in _TOKENIZER_FILES:
+        metadata = _gguf_tokenizer(ckpt, notes)
     export_checkpoint(ckpt.config, ckpt.state_dict, dest, fmt, qtype=qtype, metadata=metadata)
-    notes = []
     if fmt == ckpt.format and fmt in _TOKENIZER_FILES:
         for name in _TOKENIZER_FILES[fmt]:
             if (ckpt.path / name).is_file():
                 write_atomic(dest / name, lambda tmp, name=name: shutil.copyfile(ckpt.path / name, tmp))
-    elif fmt != ckpt.format:
+    elif fmt != ckpt.format and fmt != "gguf":
         notes.append(f"the tokenizer is not carried from {ckpt.format} to {fmt}; add its files to {dest} yourself")
     return notes
+
+
+def _gguf_tokenizer(ckpt, notes: list[str]) -> dict | None:
+    """tokenizer.* metadata for an HF or Meta checkpoint's own tokenizer files, or None with a note why not."""
+    from corral.errors import TokenizerError
+    from corral.tokenizer.gguf_vocab import gguf_vocab_from_hf, gguf_vocab_from_tiktoken
+
+    source = ckpt.path / _TOKENIZER_FILES[ckpt.format][0]
+    if not source.is_file():
+        notes.append(f"{ckpt.path} has no {source.name}; the GGUF file has no tokenizer")
+        return None
+    try:
+        if ckpt.format == "hf":
+            return gguf_vocab_from_hf(ckpt.path, ckpt.config.vocab_size)
+        return gguf_vocab_from_tiktoken(source, ckpt.config.vocab_size)
+    except TokenizerError as e:
+        notes.append(f"the tokenizer is not written to the GGUF file: {e}")
+        return None
 
 
 def _write_requantized(src: Path, tmp: Path, qtype: str, tick: Callable[[int], None] | None) -> None:
@@ -99,13 +118,8 @@ def _write_requantized(src: Path, tmp: Path, qtype: str, tick: Callable[[int], N
             writer.close()
 
 
-def quantize_gguf(source: Path, dest: Path, qtype: str, tick: Callable[[int], None] | None = None, *,
-                  scratch: Path | None = None) -> Path:
-    """Write `source` (a GGUF file, or any checkpoint) as a GGUF with 2-D weights in `qtype` at `dest`.
-
-    A source that is not GGUF goes through an F32 GGUF in `scratch` (the caller's owned folder, see
-    corral.store.scratch), or in a temp folder beside `dest` without one.
-    """
+def quantize_gguf(source: Path, dest: Path, qtype: str, tick: Callable[[int], None] | None = None) -> Path:
+    """Write `source` (a GGUF file, or any checkpoint) as a GGUF with 2-D weights in `qtype` at `dest`."""
     from corral.checkpoint.load import detect_format
 
     if qtype not in GGUF_QUANTS:
@@ -113,10 +127,9 @@ def quantize_gguf(source: Path, dest: Path, qtype: str, tick: Callable[[int], No
     if detect_format(source) == "gguf" and source.is_file():
         write_atomic(dest, lambda tmp: _write_requantized(source, tmp, qtype, tick))
         return dest
-    with contextlib.ExitStack() as stack:
-        work = scratch or Path(stack.enter_context(tempfile.TemporaryDirectory(dir=dest.parent, prefix=".quantize-")))
-        f32 = work / "f32.gguf"
-        stack.callback(f32.unlink, missing_ok=True)
-        convert_checkpoint(source, f32, "gguf", "F32")
-        write_atomic(dest, lambda tmp: _write_requantized(f32, tmp, qtype, tick))
+    # HF or Meta: one pass, weights and tokenizer straight into the mix (export_gguf writes atomically).
+    convert_checkpoint(source, dest, "gguf", qtype)
+    if tick:
+        files = [p for p in source.rglob("*") if p.is_file()] if source.is_dir() else [source]
+        tick(sum(p.stat().st_size for p in files))
     return dest

@@ -123,9 +123,9 @@ def _extra_layers(store: Store, mf: Modelfile, base_params: dict, base_dir: Path
                   progress: ProgressFactory | None) -> list[Descriptor]:
     layers = []
     if mf.template is not None:
-        from corral.tokenizer.template import compile_template
+        from corral.tokenizer.template import check_template
 
-        compile_template(mf.template)  # a template that does not compile is refused now, not at first chat
+        check_template(mf.template)  # one that does not compile, or loops past its budget, is refused now
         layers.append(_text_layer(store, mt.TEMPLATE, mf.template))
     if mf.system is not None:
         layers.append(_text_layer(store, mt.SYSTEM, mf.system))

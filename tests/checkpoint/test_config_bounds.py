@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from corral.checkpoint.base import weight_shapes
 from corral.checkpoint.export import export_checkpoint
 from corral.checkpoint.load import load_checkpoint
-from corral.checkpoint.meta import meta_shapes
 from corral.errors import FormatError
 from corral.model.config import ModelConfig
 
@@ -29,7 +29,7 @@ def _state():
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    return {k: torch.randn(s, generator=gen) for k, s in meta_shapes(TINY).items()}
+    return {k: torch.randn(s, generator=gen) for k, s in weight_shapes(TINY).items()}
 
 
 def _with_depth(tmp_path: Path, fmt: str, depth: int) -> Path:

@@ -56,8 +56,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from corral.repl import ensure_default
     from corral.store import Store
+    from corral.store.load import ensure_default
 
     home = tmp_path_factory.mktemp("webui-home")
     store = Store(home)
