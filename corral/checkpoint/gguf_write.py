@@ -22,7 +22,8 @@ from gguf import GGUFWriter
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from corral.checkpoint.atomic import write_atomic
-from corral.checkpoint.gguf import GGUF_TO_META, ROPE_FREQS, expected_shapes
+from corral.checkpoint.base import weight_shapes
+from corral.checkpoint.gguf import GGUF_TO_META, ROPE_FREQS
 from corral.checkpoint.gguf_quant import MIXES, quantize_tensor, tensor_types
 from corral.errors import ConfigError
 from corral.model.config import ModelConfig
@@ -111,7 +112,7 @@ def _encode(weight: torch.Tensor, ggml_type: GGMLQuantizationType) -> np.ndarray
 
 
 def _check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    shapes = expected_shapes(config)
+    shapes = weight_shapes(config)
     missing = [k for k in shapes if k not in state_dict]
     unexpected = [k for k in state_dict if k not in shapes]
     if missing or unexpected:

@@ -62,20 +62,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``pretrain`` and ``export`` on the corral command's subparsers."""
-    p = sub.add_parser("pretrain", help="pretrain a Llama 3 model from a TOML config", description=cmd_pretrain.__doc__,
-                       epilog="Any config field can be overridden: --optim.lr=3e-4 --train.steps=100. "
-                       "For several processes: torchrun --nproc_per_node=N -m corral.train.pretrain CONFIG ...")
+def pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Any config field can be overridden: --optim.lr=3e-4 --train.steps=100. "
+                "For several processes: torchrun --nproc_per_node=N -m corral.train.pretrain CONFIG ...")
     p.add_argument("config", help="TOML config, e.g. configs/pretrain/debug.toml")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest committed checkpoint (auto) or from PATH")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(handler=cmd_pretrain)
 
-    e = sub.add_parser("export", help="export a trained checkpoint as hf, meta or gguf", description=cmd_export.__doc__)
-    e.add_argument("checkpoint", help="a step directory (checkpoints/step_00000100) or a run directory")
-    e.add_argument("out", help="output directory (hf, meta) or file (gguf)")
-    e.add_argument("--format", choices=["hf", "meta", "gguf"], default="hf", help="output format (default: hf)")
-    e.add_argument("--qtype", choices=["F32", "F16", "Q8_0"], default="F32", help="GGUF weight type (default: F32)")
-    e.set_defaults(handler=cmd_export)
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a step directory (checkpoints/step_00000100) or a run directory")
+    p.add_argument("out", help="output directory (hf, meta) or file (gguf)")
+    p.add_argument("--format", choices=["hf", "meta", "gguf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--qtype", choices=["F32", "F16", "Q8_0"], default="F32", help="GGUF weight type (default: F32)")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from corral.checkpoint.gguf import expected_shapes
+from corral.checkpoint.base import weight_shapes
 from corral.checkpoint.gguf_quant import MIXES, quantize_tensor, tensor_types
 from corral.checkpoint.gguf_reader import read_gguf
 from corral.checkpoint.gguf_write import export_gguf
@@ -48,7 +48,7 @@ def test_use_more_bits_layers_of_a_16_layer_q4_k_m_match_llama_cpp_rules():
                          ffn_hidden_dim=8192, tie_embeddings=True)
     from corral.checkpoint.gguf_write import gguf_name
 
-    tensors = {gguf_name(k): (s, 0) for k, s in expected_shapes(config).items()}
+    tensors = {gguf_name(k): (s, 0) for k, s in weight_shapes(config).items()}
     types = tensor_types(tensors, "Q4_K_M", n_layers=16, n_heads=32, n_kv_heads=8)
     six = [i for i in range(16) if types[f"blk.{i}.attn_v.weight"] == T.Q6_K]
     assert six == [0, 1, 4, 7, 10, 13, 14, 15]
@@ -123,7 +123,7 @@ def test_quantize_small_model_equals_llama_model_quantize(tmp_path, mix, tied):
     pytest.importorskip("llama_cpp")
     config = dataclasses.replace(SMALL, tie_embeddings=tied)
     g = torch.Generator().manual_seed(3)
-    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in expected_shapes(config).items()}
+    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in weight_shapes(config).items()}
     src = export_gguf(config, state, tmp_path / "f16.gguf", qtype="F16")
     _llama_cpp_quantize(src, tmp_path / "theirs.gguf", mix)
     quantize_gguf(src, tmp_path / "ours.gguf", mix)

@@ -69,7 +69,8 @@ def test_pull_from_another_server_by_name_and_by_url(servers, tmp_path):
     assert finished == Store(tmp_path / "a").read_manifest("tiny").digests()
     assert manifest_bytes(tmp_path / "b", name) == manifest_bytes(tmp_path / "a", "tiny")
     assert c.pull(f"{a.url}/tiny", stream=False).status == "success"
-    assert {m.model for m in c.list().models} == {name, "tiny:latest"}
+    # the embedded model is listed on a fresh store too (issue 14 item 15)
+    assert {m.model for m in c.list().models} == {name, "tiny:latest", "smollm2:135m"}
     assert Store(tmp_path / "b").verify() == []
 
 
@@ -105,7 +106,9 @@ def test_failed_pulls_are_errors_and_store_nothing(servers, tmp_path):
     with pytest.raises(ollama.ResponseError) as e:
         c.pull("tiny")
     assert e.value.status_code == 400 and "names no server" in e.value.error
-    assert c.list().models == [] and not (tmp_path / "b" / "models" / "blobs").exists()
+    # only the embedded model, listed from its package file without storing it (issue 14 item 15)
+    assert [m.model for m in c.list().models] == ["smollm2:135m"]
+    assert not (tmp_path / "b" / "models" / "blobs").exists()
 
 
 def test_registry_refuses_bad_digests_and_blobs_that_do_not_match(servers, tmp_path):
