@@ -1,6 +1,7 @@
-"""Corral's own CPU kernels for 4-bit and 8-bit block weights (``q4q8.c``), built at first use.
+"""Corral's own CPU kernels for 4-bit and 8-bit block weights (``q4q8.c``) and GGUF's K-quants
+(``kquant.c``), built at first use.
 
-The C file is compiled with the system compiler (``$CORRAL_CC``, else ``gcc``, else ``cc``) into
+The C files are compiled into one library with the system compiler (``$CORRAL_CC``, else ``gcc``, else ``cc``) into
 ``$CORRAL_HOME/kernels`` (default ``~/.cache/corral/kernels``), named by a hash of the source, the
 compiler, its flags and the CPU's SIMD flags, and loaded with ctypes. Two processes building at once
 each compile to a private temporary file and rename it into place, so neither sees a half-written file.
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("q4q8.c")
-KIND_Q4, KIND_Q8 = 0, 1
+SOURCES = (Path(__file__).with_name("q4q8.c"), Path(__file__).with_name("kquant.c"))
+KIND_Q4, KIND_Q8, KIND_KQ = 0, 1, 2
 QK = 32  # elements per block
 TILE_ROWS = 8  # weight rows per tile in the repacked layout
 # Products smaller than this many multiply-adds per thread run on one thread: a second thread's wake-up
@@ -69,7 +70,7 @@ def _compiler() -> str | None:
 def _build(cc: str, flags: list[str]) -> Path:
     """Compile into the cache unless a library for this exact source + compiler + flags is there already."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), cc, version, *flags]).encode()).hexdigest()[:16]
     out = cache_dir() / f"q4q8-{key}.so"
     if out.is_file():
         return out
@@ -77,7 +78,7 @@ def _build(cc: str, flags: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".q4q8-{key}.", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{Path(cc).name} failed: {proc.stderr.strip()[-400:]}")
@@ -104,6 +105,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.corral_block_step.argtypes = [ptr, i64, i32, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64,
                                       i32, i32, i32, ptr, i32, i32, i32, i32]
     lib.corral_block_step.restype = i32
+    lib.corral_kq_linear.argtypes = [ptr, ptr, i64, ptr, i32, i32]
+    lib.corral_kq_linear.restype = i32
+    lib.corral_kq_quantize_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32]
+    lib.corral_kq_quantize_rows.restype = None
+    lib.corral_kq_dequant_rows.argtypes = [i32, ptr, i64, ptr, i64, ptr]
+    lib.corral_kq_dequant_rows.restype = None
+    lib.corral_kq_block_bytes.argtypes = [i32]
+    lib.corral_kq_block_bytes.restype = i64
     lib.corral_kernels_simd.restype = i32
     lib.corral_kernels_openmp.restype = i32
     return lib

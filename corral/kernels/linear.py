@@ -231,10 +231,31 @@ def fuse_rows(linears: list[BlockLinear]) -> BlockLinear:
 
 
 def gguf_linear(ggml_type: int, raw: torch.Tensor, shape: tuple[int, int]) -> nn.Module:
-    """The fastest module for one GGUF weight: ours when the kernels built, else torch's (corral.model.quant)."""
+    """The fastest module for one GGUF weight: ours when the kernels built, else torch's (corral.model.quant).
+
+    K-quants run in place (views of the file); without the kernels they are widened to a dense layer.
+    """
+    from corral.kernels.kquant import KQ_BLOCK_BYTES, KQuantLinear
+
+    if ggml_type in KQ_BLOCK_BYTES:
+        lin = KQuantLinear.from_gguf_blocks(raw, ggml_type, shape)
+        if kernels.available():
+            return lin
+        dense = nn.Linear(shape[1], shape[0], bias=False, device="meta")
+        dense.weight = nn.Parameter(lin.dequantize(), requires_grad=False)
+        return dense
     if kernels.available() and ggml_type in BLOCK_BYTES:
         cls = Q8Linear if ggml_type == GGML_Q8_0 else Q4Linear
         return cls.from_gguf_blocks(raw, ggml_type, shape)
     from corral.model.quant import gguf_linear as torch_gguf_linear
 
     return torch_gguf_linear(ggml_type, raw, shape)
+
+
+def gguf_embedding(ggml_type: int, raw: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> nn.Module:
+    """The token table of a GGUF file kept as its blocks: a lookup widens only the rows it takes."""
+    from corral.kernels.kquant import KQ_BLOCK_BYTES, KQuantEmbedding
+    from corral.model.quant import BlockEmbedding
+
+    cls = KQuantEmbedding if ggml_type in KQ_BLOCK_BYTES else BlockEmbedding
+    return cls(ggml_type, raw, shape, dtype)

@@ -46,7 +46,7 @@
 /* loops over a tile's activation rows and chunks: unrolled, so the accumulators stay in registers */
 #define UNROLL _Pragma("GCC unroll 8")
 
-enum { KIND_Q4 = 0, KIND_Q8 = 1 };
+enum { KIND_Q4 = 0, KIND_Q8 = 1, KIND_KQ = 2 }; /* KIND_KQ: K-quant weights, kquant.c */
 
 typedef struct {
     int kind;
@@ -371,8 +371,11 @@ int corral_matmul(int kind, const float *x, int64_t M, int64_t K, int64_t N, con
 }
 
 /* The same for a module's weights described once: desc = {kind, K, N, qs, d, mn, min_work_per_thread}
-   (pointers as integers). Six arguments instead of twelve: ctypes converts each one on every call. */
+   (pointers as integers; KIND_KQ descriptors go to kquant.c). Six arguments instead of twelve: ctypes converts each one on every call. */
+int corral_kq_linear(const int64_t *desc, const float *x, int64_t M, float *y, int nthreads, int simd); /* kquant.c */
+
 int corral_linear(const int64_t *desc, const float *x, int64_t M, float *y, int nthreads, int simd) {
+    if (desc[0] == KIND_KQ) return corral_kq_linear(desc, x, M, y, nthreads, simd);
     return corral_matmul((int)desc[0], x, M, desc[1], desc[2], (const uint8_t *)(intptr_t)desc[3],
                          (const uint16_t *)(intptr_t)desc[4], (const uint16_t *)(intptr_t)desc[5], y, nthreads,
                          simd, desc[6]);

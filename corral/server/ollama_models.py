@@ -26,9 +26,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from corral.errors import ModelNotFoundError
+from corral.server.embeddings import until_disconnect
 from corral.server.errors import BadRequest
 from corral.server.ollama_registry import ingest_request_body
 from corral.server.ollama_wire import flag, iso, name_field, ns, progress_response, read_body
+from corral.server.schemas import MAX_EMBED_INPUTS
 from corral.server.state import DEFAULT_MODEL, get_state, parse_keep_alive
 
 router = APIRouter()
@@ -44,9 +46,9 @@ def details_of(config: dict) -> dict:
 
 # -- tags, show, ps -------------------------------------------------------------------------------
 def _register_embedded(store) -> None:
-    """The embedded SmolLM2 registers on first use; Ollama clients show a model before using it, so /api/show
-    registers it too."""
-    from corral.repl import ensure_default
+    """The embedded SmolLM2 registers on first use; Ollama clients list and show models before using one, so
+    tags and show register it too (as /v1/models lists it on a fresh store)."""
+    from corral.store.load import ensure_default
 
     try:
         ensure_default(store)
@@ -176,6 +178,7 @@ async def delete(request: Request) -> Response:
     name = name_field(body, "model", "name")
     state = get_state(request)
     await asyncio.to_thread(state.store.remove, name)
+    state.metrics.forget(state.pool.resolve(name))
     # A loaded copy drains (running requests finish) and later requests get 404, as the store now says.
     await state.pool.unload(name)
     return Response(status_code=200)
@@ -217,6 +220,8 @@ def _inputs(body: dict, key: str) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_EMBED_INPUTS:
+            raise BadRequest([(key, f"{key} holds {len(value)} items; at most {MAX_EMBED_INPUTS} per request")])
         return list(value)
     raise BadRequest([(key, f"{key} must be a string or a list of strings")])
 
@@ -235,7 +240,7 @@ async def _embed(request: Request, body: dict, texts: list[str], truncate: bool)
         vectors = await asyncio.to_thread(encoder.encode, texts, truncate=truncate)
         tokens = sum(min(n, encoder.max_tokens) for n in encoder.count_tokens(texts))
         return vectors.tolist(), tokens, load_s
-    from corral.embed import embed_with_llm
+    from corral.embed.llm_embed import embed_rows, token_rows
 
     state = get_state(request)
     started = time.perf_counter()
@@ -245,8 +250,12 @@ async def _embed(request: Request, body: dict, texts: list[str], truncate: bool)
         if not texts:
             return [], 0, load_s
         llm = model.llm
-        vectors = await asyncio.to_thread(embed_with_llm, llm, texts, truncate=truncate)
-        tokens = sum(min(len(llm.tokenizer.encode(t, bos=llm.add_bos)), llm.engine.max_seq_len) for t in texts)
+
+        def work(stop):
+            rows = token_rows(llm, texts, truncate=truncate)  # tokenized once, off the event loop
+            return embed_rows(llm.model, rows, stop=stop), sum(len(r) for r in rows)
+
+        vectors, tokens = await until_disconnect(request, work)
         return vectors.tolist(), tokens, load_s
     finally:
         state.pool.release(model)

@@ -126,6 +126,8 @@ class ServerState:
     """corral.store.Store"""
     embedders: dict = field(default_factory=dict)
     """Embedding models outside the pool (the MiniLM sentence encoder), loaded on first use."""
+    filters: list = field(default_factory=list)
+    """Stream filters every generation passes through (corral.server.generation.StreamFilter), in order."""
 
     @classmethod
     def create(cls, config: ServeConfig, store=None) -> ServerState:

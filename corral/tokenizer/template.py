@@ -263,6 +263,24 @@ class JinjaChatFormat:
             raise ChatFormatError("tools: special-token text in a tool definition")
 
 
+def template_chat_format(template: str, tokenizer: Tokenizer, *,
+                         stop_ids: Iterable[int] | None = None) -> JinjaChatFormat:
+    """The chat format for a Jinja template (a GGUF's or tokenizer_config.json's, a Modelfile TEMPLATE,
+    an Ollama request's), with the tokenizer's own BOS/EOS text as `bos_token`/`eos_token`.
+
+    `stop_ids` None: end of text, plus `<|im_end|>` where the vocabulary has it (ChatML models end a
+    turn with it, not with end of text). A loaded model passes its own `stop_ids` instead.
+    """
+    specials = tokenizer.special_tokens
+    id_to_text = {i: t for t, i in specials.items()}
+    if stop_ids is None:
+        stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+        if "<|im_end|>" in specials:
+            stop_ids.add(specials["<|im_end|>"])
+    return JinjaChatFormat(template, tokenizer, bos_token=id_to_text.get(tokenizer.bos_id, ""),
+                           eos_token=id_to_text.get(tokenizer.eos_id, ""), stop_ids=frozenset(stop_ids))
+
+
 def _sentinel(nonce: str, index: int) -> str:
     # Private-use code points around a random nonce: no real content or template contains it.
     return f"\ue000{nonce}:{index}\ue001"

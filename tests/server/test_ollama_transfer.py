@@ -164,8 +164,11 @@ def test_create_quantizes_and_reads_the_older_modelfile_shape(servers, tmp_path)
     with read_gguf(store.model_path("tiny-q8")) as g:
         assert g.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
     assert store.info("tiny-q8").system == "Be brief."  # the base's SYSTEM carried over
+    assert c.create(model="tiny-q4km", from_="tiny", quantize="q4_K_M").status == "success"  # Ollama's spelling
+    with read_gguf(store.model_path("tiny-q4km")) as g:
+        assert g.metadata["general.file_type"] == 15  # llama.cpp's MOSTLY_Q4_K_M
     with pytest.raises(ollama.ResponseError) as e:
-        c.create(model="tiny-x", from_="tiny", quantize="q4_K_M")
+        c.create(model="tiny-x", from_="tiny", quantize="q3_K_S")
     assert e.value.status_code == 400 and "quantize" in e.value.error
     with httpx.Client(base_url=a.url) as h:
         r = h.post("/api/create", json={"model": "old", "modelfile": "FROM tiny\nSYSTEM Old style.", "stream": False})
