@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -114,6 +115,39 @@ def chat_messages(model: LoadedModel, messages: list) -> list:
 
 
 IMAGE_PARTS = ("image_url", "image", "input_image")
+
+
+# -- prompt size before tokenizing -------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def longest_token(tokenizer) -> int:
+    """Bytes of the vocabulary's longest token, special tokens' text included: no token covers more
+    characters than that (a character is at least one byte). Found once per tokenizer (~0.2 s for 128k)."""
+    plain = max(len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size))
+    return max(plain, *(len(t) for t in tokenizer.special_tokens), 1)
+
+
+def text_chars(messages_or_texts) -> int:
+    """Characters of the text a prompt is made of: strings, and the content (string or text parts) of messages."""
+    total = 0
+    for m in messages_or_texts:
+        content = m.get("content") if isinstance(m, dict) else m
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict)
+                         and isinstance(p.get("text"), str))
+    return total
+
+
+async def check_prompt_size(model: LoadedModel, chars: int, field: str) -> None:
+    """A prompt of more characters than context x longest token cannot fit: a 400 before it is tokenized
+    (an 8 MB prompt would take seconds of tokenizer time only to be refused)."""
+    longest = await asyncio.to_thread(longest_token, model.llm.tokenizer)
+    if chars > model.context_length * longest:
+        raise BadRequest(f"{field} has {chars} characters; the model's context of {model.context_length} tokens "
+                         f"holds at most {model.context_length * longest} (shorten the prompt)", param=field,
+                         code="context_length_exceeded")
 
 
 # -- one generation ----------------------------------------------------------------------------------

@@ -27,7 +27,15 @@ from fastapi.responses import JSONResponse, Response
 
 from corral.server import generation
 from corral.server.errors import BadRequest
-from corral.server.generation import Generation, GenerationStream, Prompt, chat_messages, released_on_error
+from corral.server.generation import (
+    Generation,
+    GenerationStream,
+    Prompt,
+    chat_messages,
+    check_prompt_size,
+    released_on_error,
+    text_chars,
+)
 from corral.server.ollama_options import constraint_factory, parse_options
 from corral.server.ollama_wire import NDJSON, flag, line, no_images, now_iso, ns, read_body, text_field
 from corral.server.state import LoadedModel, ModelNotFound, ServerState, get_state, parse_keep_alive
@@ -152,13 +160,14 @@ async def respond(request: Request, gen: Generation, reply: GenerateReply | Chat
     return JSONResponse(reply.merge([*reply.feed(sample.text), *reply.end(sample.finish or "stop")]))
 
 
-async def start(request: Request, body: dict, model: LoadedModel, name: str, make_prompt: Callable[[], Prompt],
-                started: float, load_s: float) -> Answer:
-    """The prompt (tokenized off the event loop), options and format -> a started generation (400s here,
-    before any line is sent). From the call on, the model is the generation's to give back."""
+async def start(request: Request, body: dict, model: LoadedModel, name: str, chars: int,
+                make_prompt: Callable[[], Prompt], started: float, load_s: float) -> Answer:
+    """The prompt (its size checked, then tokenized off the event loop), options and format -> a started
+    generation (400s here, before any line is sent). From the call on, the model is the generation's."""
     state = get_state(request)
     llm = model.llm
     with released_on_error(state, model):
+        await check_prompt_size(model, chars, "messages" if "messages" in body else "prompt")
         prompt = await asyncio.to_thread(make_prompt)
         plan = parse_options(body.get("options"), model.options).plan(len(prompt.ids), model.context_length)
         # The first constraint of a tokenizer indexes its vocabulary (seconds): off the event loop.
@@ -257,8 +266,9 @@ async def generate(request: Request) -> Response:
     if not text_field(body, "prompt") and not text_field(body, "suffix"):
         return await load_or_unload(get_state(request), body.get("model"), parse_keep_alive(body.get("keep_alive")),
                                     chat=False)
+    chars = text_chars([text_field(body, k) for k in ("prompt", "suffix", "system", "template")])
     model, name, started, load_s = await hold_model(request, body)
-    answer = await start(request, body, model, name, lambda: generate_prompt(model, body), started, load_s)
+    answer = await start(request, body, model, name, chars, lambda: generate_prompt(model, body), started, load_s)
     return await respond(request, answer.gen, GenerateReply(answer), stream)
 
 
@@ -298,7 +308,8 @@ async def chat(request: Request) -> Response:
         return await load_or_unload(get_state(request), body.get("model"), parse_keep_alive(body.get("keep_alive")),
                                     chat=True)
     model, name, started, load_s = await hold_model(request, body)
-    answer = await start(request, body, model, name, lambda: chat_prompt(model, messages, tools), started, load_s)
+    answer = await start(request, body, model, name, text_chars(messages), lambda: chat_prompt(model, messages, tools),
+                         started, load_s)
     return await respond(request, answer.gen, ChatReply(answer, tools=bool(tools)), stream)
 
 

@@ -21,7 +21,16 @@ from fastapi import APIRouter, Request
 from corral.errors import ChatFormatError, CorralError
 from corral.server import embeddings, generation, toolcalls
 from corral.server.errors import BadRequest, sse_error_frame
-from corral.server.generation import Generation, GenerationStream, Prompt, chat_messages, merged, released_on_error
+from corral.server.generation import (
+    Generation,
+    GenerationStream,
+    Prompt,
+    chat_messages,
+    check_prompt_size,
+    merged,
+    released_on_error,
+    text_chars,
+)
 from corral.server.pool import LoadedModel
 from corral.server.schemas import ChatRequest, CompletionRequest, Sampling, parse_chat, parse_completion, parse_json
 from corral.server.state import ServerState, get_state
@@ -161,6 +170,7 @@ async def chat_completions(request: Request):
     req = parse_chat(await read_json(request))
     model = await checked_model(state, req)
     with released_on_error(state, model):
+        await check_prompt_size(model, text_chars(req.messages), "messages")
         plan = await asyncio.to_thread(plan_chat, model, req)
         gen = submit_request(state, model, req, Prompt(plan.ids, plan.messages), "messages", plan.constraint)
     name = req.model or model.name
@@ -259,6 +269,7 @@ async def completions(request: Request):
     model = await checked_model(state, req)
     gens: list[Generation] = []
     with released_on_error(state, model):
+        await check_prompt_size(model, max(text_chars([p]) for p in req.prompts), "prompt")
         indexed = len(req.prompts) > 1
         ids = await asyncio.to_thread(lambda: [completion_ids(model, p, i if indexed else None)
                                                for i, p in enumerate(req.prompts)])

@@ -20,7 +20,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from corral.server.errors import BadRequest, error_body
-from corral.server.generation import IMAGE_PARTS, Generation, GenerationStream, Prompt, released_on_error
+from corral.server.generation import (
+    IMAGE_PARTS,
+    Generation,
+    GenerationStream,
+    Prompt,
+    check_prompt_size,
+    released_on_error,
+    text_chars,
+)
 from corral.server.openai import SSE_HEADERS, checked_model, plan_chat, read_json, submit_request
 from corral.server.schemas import parse_chat
 from corral.server.state import get_state
@@ -90,6 +98,7 @@ async def responses(request: Request):
     req.problems = [(RENAMED.get(name, name), why) for name, why in req.problems]
     model = await checked_model(state, req)
     with released_on_error(state, model):
+        await check_prompt_size(model, text_chars(req.messages), "input")
         plan = await asyncio.to_thread(plan_chat, model, req)
         gen = submit_request(state, model, req, Prompt(plan.ids, plan.messages), "input", plan.constraint)
     shape = Shape(gen, req.model or model.name, body)

@@ -27,6 +27,7 @@ __all__ = ["parse_json", "parse_chat", "parse_completion", "parse_embedding"]
 MAX_STOP = 4
 MAX_N = 128  # SamplingParams' own bound; the queue bound (503) applies after it
 MAX_TOP_LOGPROBS = 20
+MAX_EMBED_INPUTS = 512  # OpenAI allows 2048; each input is a forward here, and a client may split its batch
 
 
 def _shown(value: Any) -> str:
@@ -362,6 +363,8 @@ def parse_embedding(body: dict) -> EmbeddingRequest:
         inputs = [list(r) for r in v]
     else:
         f.bad("input", "a string, a non-empty list of strings, a list of token ids or a list of such lists")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        f.problems.append(("input", f"input holds {len(inputs)} items; at most {MAX_EMBED_INPUTS} per request"))
     fmt = f.str("encoding_format", "float")
     if fmt not in ("float", "base64"):
         f.bad("encoding_format", '"float" or "base64"')

@@ -112,3 +112,19 @@ def test_gguf_native_default_embeds_close_to_float32(llm):
     native = embed_with_llm(corral.load(), texts)  # corral.load()'s default for a GGUF: its own Q4_1 blocks
     cosine = (native * embed_with_llm(llm, texts)).sum(-1)
     assert native.shape == (3, llm.config.dim) and bool((cosine > 0.99).all()), cosine
+
+
+def test_stop_ends_an_embedding_within_a_layer_and_changes_nothing_otherwise(llm, embedded):
+    """RELIABILITY 42: stop() is asked at every layer; True raises EmbedCancelled at once."""
+    from corral.embed.llm_embed import EmbedCancelled
+
+    asked = []
+
+    def stop_at_third() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    with pytest.raises(EmbedCancelled):
+        embed_with_llm(llm, TEXTS, stop=stop_at_third)
+    assert len(asked) == 3  # layer 3 of the first batch, of the model's many
+    assert torch.equal(embed_with_llm(llm, TEXTS, stop=lambda: False), embedded)

@@ -103,3 +103,22 @@ def test_metrics_drop_a_deleted_models_series(live):
         assert h.request("DELETE", "/api/delete", content=json.dumps({"model": "doomed:1"})).status_code == 200
         assert live.wait_idle(10) == 0
         assert 'model="doomed:1"' not in h.get("/metrics").text
+
+
+def test_pydantic_field_bounds_hold_in_structured_output(live):
+    """Issue 14 items 19 and 20: Field(ge=, le=, gt=, lt=) become minimum/maximum/exclusive*, enforced while
+    decoding (a 400 before); the JSON carries no whitespace runs."""
+    from pydantic import BaseModel, Field
+
+    class Review(BaseModel):
+        stars: int = Field(ge=1, le=5)
+        score: float = Field(gt=0, lt=1)
+        year: int = Field(ge=1900, le=2030)
+
+    answer = live.client().chat.completions.parse(
+        model=MODEL, response_format=Review, max_tokens=60, temperature=1.0, seed=3,
+        messages=[{"role": "user", "content": "Review a film as JSON: stars, score, year."}])
+    review = answer.choices[0].message.parsed
+    assert review is not None and 1 <= review.stars <= 5 and 0 < review.score < 1 and 1900 <= review.year <= 2030
+    text = answer.choices[0].message.content
+    assert not any(run in text for run in ("  ", "\n\n", "\t", "\r", " \n", "\n "))

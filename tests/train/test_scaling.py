@@ -135,9 +135,10 @@ def test_committed_sweep_predicts_held_out_run_within_5_percent():
 
 
 def _cli(argv: list[str]) -> int:
-    from corral.cli import main
+    from corral.cli import build_parser
 
-    return main(argv)
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
 
 
 @pytest.mark.slow
