@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from corral import repl
 from corral.bench import harness as bench
-from corral.errors import CorralError
+from corral.errors import CorralError, FormatError
 from corral.server import commands as server
 from corral.store import commands as store
 from corral.train import commands as train
@@ -191,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error for a terminal: a FormatError's message leaves out its file (so a server never leaks a
+    path), the CLI puts it back in front."""
+    path = getattr(exc, "path", None) if isinstance(exc, FormatError) else None
+    text = f"{path}: {exc}" if path else str(exc)
+    return " ".join(text.split())  # one line, whatever the message held
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         # OSError: a missing Modelfile, a full disk, a permission: the user's to fix, so one line too.
         if args.debug:
             raise
-        print(f"corral: error: {exc}", file=sys.stderr)
+        print(f"corral: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

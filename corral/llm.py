@@ -206,19 +206,22 @@ def load(
 
 
 def _load_model(path: Path, dtype: torch.dtype | None, quant: str | None) -> tuple[Checkpoint, Transformer]:
-    from corral.checkpoint.gguf import load_gguf_quantized
+    from corral.checkpoint.gguf import KQUANT_TYPES, NATIVE_QUANT_TYPES, load_gguf_quantized
     from corral.model.quant import apply_gguf_quant_, quantize_
 
     if quant == "gguf":  # run the file's own 4/8-bit blocks instead of widening them at load
         if detect_format(path) != "gguf":
             raise ConfigError(f"quant='gguf' needs a GGUF file; {path.name} is not one (try int8 or int4)")
         from corral.kernels.attention import apply_kernel_attention_
-        from corral.kernels.linear import gguf_linear
+        from corral.kernels.linear import gguf_embedding, gguf_linear
         from corral.model.fuse import apply_fused_projections_
 
-        ckpt, raw = load_gguf_quantized(path, dtype=dtype or torch.float32)
-        # Our Q4/Q8 kernels where they built (torch's int4/int8 kernels otherwise), q|k|v and w1|w3 fused.
-        model = apply_gguf_quant_(build_model(ckpt.config, ckpt.state_dict), raw, make_linear=gguf_linear)
+        keep = NATIVE_QUANT_TYPES + KQUANT_TYPES
+        ckpt, raw = load_gguf_quantized(path, dtype=dtype or torch.float32, keep=keep)
+        # Our Q4/Q8/K-quant kernels where they built (torch's int4/int8 kernels otherwise), q|k|v and w1|w3
+        # fused; K-quant weights and token tables stay views of the mapped file.
+        model = apply_gguf_quant_(build_model(ckpt.config, ckpt.state_dict), raw, make_linear=gguf_linear,
+                                  make_embedding=gguf_embedding)
         return ckpt, apply_kernel_attention_(apply_fused_projections_(model))
     ckpt = load_checkpoint(path, dtype=dtype)
     model = build_model(ckpt.config, ckpt.state_dict)

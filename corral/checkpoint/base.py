@@ -67,6 +67,22 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(out_features, dim)
 
 
+TENSORS_PER_LAYER = 9
+"""wq, wk, wv, wo, w1, w2, w3 and the two norms: the fewest tensors one transformer block can have."""
+
+
+def check_layer_count(n_layers: int, n_tensors: int, *, field: str, path: str | None = None) -> None:
+    """Refuse a layer count the tensors that exist cannot fill, before anything is built per layer.
+
+    Every format's config names its depth (GGUF ``llama.block_count``, HF ``num_hidden_layers``, Meta
+    ``n_layers``); trusting it would let a 1 KB config that asks for 10^9 layers list 9 * 10^9 expected
+    tensors, or build that model, before any shape check could fail (RELIABILITY.md 2, 40).
+    """
+    if n_layers > n_tensors // TENSORS_PER_LAYER:
+        raise FormatError(f"{n_layers} layers need more than the {n_tensors} tensors the weights hold",
+                          path=path, field=field)
+
+
 def read_json_object(path: Path) -> dict:
     """A small JSON config file (config.json, params.json, an index) as a dict, or a FormatError naming it."""
     try:

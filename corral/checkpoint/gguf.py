@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from corral.checkpoint.base import Checkpoint, weight_shapes
+from corral.checkpoint.base import Checkpoint, check_layer_count, weight_shapes
 from corral.checkpoint.gguf_reader import GGUFFile, TensorInfo, read_gguf
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
@@ -140,11 +140,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     if scaling != "none" and _get(meta, "llama.rope.scaling.factor", (int, float), 1.0) != 1.0:
         raise FormatError(f"RoPE scaling {scaling!r} is not supported (Llama 3.1 scaling comes as rope_freqs)",
                           field="llama.rope.scaling.type")
-    # Each layer has 9 tensors: a block_count the tensor table cannot hold is refused before
-    # anything is built per layer.
-    if values["n_layers"] > len(gguf.tensors) // 9:
-        raise FormatError(f"{values['n_layers']} layers need more than the {len(gguf.tensors)} tensors in the file",
-                          field="llama.block_count")
+    check_layer_count(values["n_layers"], len(gguf.tensors), field="llama.block_count")
     try:
         config = ModelConfig(**values)
         if ROPE_FREQS in gguf.tensors:
@@ -182,13 +178,17 @@ def _all_gguf_names(config: ModelConfig) -> list[str]:
         k.format(i=i) for i in range(config.n_layers) for k in layered]
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read a llama GGUF file into Meta-named `dtype` weights; ``metadata`` is the file's key/value dict."""
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, weights: bool = True) -> Checkpoint:
+    """Read a llama GGUF file into Meta-named `dtype` weights; ``metadata`` is the file's key/value dict.
+
+    ``weights=False`` checks the header and every tensor's name and shape, and returns meta-device tensors.
+    """
     with read_gguf(path) as gguf:
         config = config_from_gguf(gguf)
         state_dict: dict[str, torch.Tensor] = {}
         for meta, name in _tensor_names(gguf, config).items():
-            state_dict[meta] = gguf.tensor(name, dtype)
+            state_dict[meta] = (gguf.tensor(name, dtype) if weights
+                                else torch.empty(gguf.tensors[name].shape, dtype=dtype, device="meta"))
         return Checkpoint(config=config, state_dict=state_dict, format="gguf", path=Path(path),
                           metadata=gguf.metadata)
 
@@ -198,23 +198,27 @@ class RawTensor(NamedTuple):
 
     ggml_type: int
     data: torch.Tensor
-    """Flat uint8 copy of the tensor's bytes."""
+    """Flat uint8 view of the tensor's bytes in the mapped file (no copy; pages are shared with the page cache)."""
     shape: tuple[int, ...]
     """Torch order, e.g. (out, in)."""
 
 
 # Types corral.model.quant.apply_gguf_quant_ runs without widening: Q4_0, Q4_1, Q8_0 (ggml.h ids).
 NATIVE_QUANT_TYPES = (2, 3, 8)
+# And the K-quants corral.kernels.kquant runs: Q4_K, Q5_K, Q6_K.
+KQUANT_TYPES = (12, 13, 14)
 _NATIVE_LINEAR = re.compile(r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight")
 
 
-def load_gguf_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32
-                        ) -> tuple[Checkpoint, dict[str, RawTensor]]:
-    """Like ``load_gguf``, but linear weights stored as Q4_0/Q4_1/Q8_0 stay as raw blocks.
+def load_gguf_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        keep: tuple[int, ...] = NATIVE_QUANT_TYPES) -> tuple[Checkpoint, dict[str, RawTensor]]:
+    """Like ``load_gguf``, but linear weights stored in one of the ggml types `keep` stay as raw blocks.
 
     Their ``state_dict`` slots hold meta tensors of the right shape, so the model builds on the meta device
-    as usual; ``corral.model.quant.apply_gguf_quant_(model, raw)`` then fills them. In a tied model a
-    quantized ``tok_embeddings.weight`` stays raw too: it serves both the lookup and the output projection.
+    as usual; ``corral.model.quant.apply_gguf_quant_(model, raw)`` then fills them. The token table stays
+    raw too when its type is kept: a lookup widens only the rows it takes, and in a tied model it also
+    serves as the output projection. Raw blocks are views of the mapped file, which stays mapped while
+    any of them lives (private mapping: nothing written through a view reaches the file).
     """
     with read_gguf(path) as gguf:
         config = config_from_gguf(gguf)
@@ -222,10 +226,8 @@ def load_gguf_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.floa
         raw: dict[str, RawTensor] = {}
         for meta, name in _tensor_names(gguf, config).items():
             info = gguf.tensors[name]
-            native = info.ggml_type in NATIVE_QUANT_TYPES
-            tied_output = meta == "tok_embeddings.weight" and config.tie_embeddings
-            if native and (_NATIVE_LINEAR.fullmatch(meta) or tied_output):
-                raw[meta] = RawTensor(info.ggml_type, torch.from_numpy(gguf.raw(name).copy()), info.shape)
+            if info.ggml_type in keep and (_NATIVE_LINEAR.fullmatch(meta) or meta == "tok_embeddings.weight"):
+                raw[meta] = RawTensor(info.ggml_type, gguf.raw_tensor(name), info.shape)
                 state_dict[meta] = torch.empty(info.shape, dtype=dtype, device="meta")
                 continue
             state_dict[meta] = gguf.tensor(name, dtype)

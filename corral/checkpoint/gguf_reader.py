@@ -135,6 +135,13 @@ class GGUFFile:
         view.flags.writeable = False
         return view
 
+    def raw_tensor(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a flat uint8 torch view of the mapping (no copy, no read until used).
+
+        The mapping is private (copy-on-write), so the view is writable without reaching the file; the
+        mapping lives until the last view is gone, even after ``close``."""
+        return torch.from_numpy(self._view(name))
+
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized to `dtype`, shaped in torch order; always a fresh copy, never a view of the file."""
         info = self.tensors[name]

@@ -51,16 +51,22 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
     flat = hi == lo
     sum_w = w.sum(axis=0)
     sum_x = (w * x).sum(axis=0)
+    def levels_at(iscale, lo):
+        return np.clip(_nearest(iscale * (x - lo)), 0, nmax)
+
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = _F(nmax) / (hi - lo)
         scale = _F(1) / iscale
-        levels = np.clip(_nearest(iscale * (x - lo)), 0, nmax)
+        levels = levels_at(iscale, lo)
         diff = scale * levels + lo - x
         best = (w * (diff * diff)).sum(axis=0)
+        # The winning levels are recomputed at the end from the (iscale, min) that made them: cheaper
+        # than keeping a (32, m) copy up to date at every step, and the same float operations.
+        best_iscale, best_lo = iscale, lo
         for step in range(nstep + 1):
             # ggml moves `min` to each better candidate's, so later steps search around it.
             iscale = (_F(rmin) + _F(rdelta) * _F(step) + _F(nmax)) / (hi - lo)
-            cand = np.clip(_nearest(iscale * (x - lo)), 0, nmax)
+            cand = levels_at(iscale, lo)
             wl = w * cand
             sum_l = wl.sum(axis=0)
             sum_l2 = (wl * cand).sum(axis=0)
@@ -74,10 +80,12 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
             diff = this_scale * cand + this_min - x
             err = (w * (diff * diff)).sum(axis=0)
             better = (det > 0) & (err < best)
-            levels = np.where(better, cand, levels)
+            best_iscale = np.where(better, iscale, best_iscale)
+            best_lo = np.where(better, lo, best_lo)
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
+        levels = levels_at(best_iscale, best_lo)
     levels[:, flat] = 0
     scale = np.where(flat, _F(0), scale)
     return scale, -lo, levels
@@ -152,20 +160,26 @@ def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     w = x * x
     wx = w * x
 
+    def levels_at(iscale):
+        return np.clip(_nearest(iscale * x), -nmax, nmax - 1)
+
     def trial(iscale):
-        lv = np.clip(_nearest(iscale * x), -nmax, nmax - 1)
-        return lv, (wx * lv).sum(axis=0), ((w * lv) * lv).sum(axis=0)
+        lv = levels_at(iscale)
+        return (wx * lv).sum(axis=0), ((w * lv) * lv).sum(axis=0)
 
     with np.errstate(divide="ignore", invalid="ignore"):
-        levels, sumlx, suml2 = trial(_F(-nmax) / peak)
+        best_iscale = _F(-nmax) / peak
+        sumlx, suml2 = trial(best_iscale)
         scale = np.where(suml2 != 0, sumlx / suml2, _F(0))
         best = scale * sumlx
         for step in (*range(-9, 0), *range(1, 10)):
-            cand, slx, sl2 = trial(-(_F(nmax) + _F(0.1) * _F(step)) / peak)
+            iscale = -(_F(nmax) + _F(0.1) * _F(step)) / peak
+            slx, sl2 = trial(iscale)
             better = (sl2 > 0) & (slx * slx > best * sl2)
-            levels = np.where(better, cand, levels)
+            best_iscale = np.where(better, iscale, best_iscale)  # its levels are recomputed once, below
             scale = np.where(better, slx / sl2, scale)
             best = np.where(better, scale * slx, best)
+        levels = levels_at(best_iscale)
     levels = levels + nmax
     levels[:, zero] = 0
     return np.where(zero, _F(0), scale), levels

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from corral import kernels
+from corral.kernels.kquant import KQuantLinear
 from corral.kernels.linear import BlockLinear
 from corral.model.fuse import FusedAttention, FusedFeedForward
 from corral.model.llama import Block
@@ -91,6 +92,8 @@ def _plan(x, cos, mask, cache, start_pos, layer_id):
 
 def _descriptor(linear: nn.Module) -> int | None:
     """The C descriptor address of one of our block linears with a usable kernel, else None."""
+    if isinstance(linear, KQuantLinear):
+        return linear.descriptor()
     if not isinstance(linear, BlockLinear):
         return None
     cache, b = linear.__dict__.get("_cache"), linear._buffers
@@ -110,7 +113,7 @@ def apply_kernel_attention_(model: nn.Module) -> nn.Module:
             module.__class__ = KernelAttention
     for module in model.modules():
         if type(module) is Block and isinstance(module.feed_forward, FusedFeedForward) and all(
-                isinstance(m, BlockLinear) for m in (module.attention.wqkv, module.attention.wo,
+                isinstance(m, (BlockLinear, KQuantLinear)) for m in (module.attention.wqkv, module.attention.wo,
                                                      module.feed_forward.w13, module.feed_forward.w2)):
             module.__class__ = KernelBlock
     return model

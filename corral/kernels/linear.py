@@ -250,3 +250,12 @@ def gguf_linear(ggml_type: int, raw: torch.Tensor, shape: tuple[int, int]) -> nn
     from corral.model.quant import gguf_linear as torch_gguf_linear
 
     return torch_gguf_linear(ggml_type, raw, shape)
+
+
+def gguf_embedding(ggml_type: int, raw: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> nn.Module:
+    """The token table of a GGUF file kept as its blocks: a lookup widens only the rows it takes."""
+    from corral.kernels.kquant import KQ_BLOCK_BYTES, KQuantEmbedding
+    from corral.model.quant import BlockEmbedding
+
+    cls = KQuantEmbedding if ggml_type in KQ_BLOCK_BYTES else BlockEmbedding
+    return cls(ggml_type, raw, shape, dtype)

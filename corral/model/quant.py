@@ -253,21 +253,24 @@ def gguf_linear(ggml_type: int, data: torch.Tensor, shape: tuple[int, int],
 def apply_gguf_quant_(model: nn.Module, quantized: dict, *, compute_dtype: torch.dtype = torch.bfloat16,
                       device: torch.device | str | None = None, include_output: bool = True,
                       make_linear: Callable[[int, torch.Tensor, tuple[int, int]], nn.Module] | None = None,
-                      ) -> nn.Module:
+                      make_embedding: Callable[[int, torch.Tensor, tuple[int, int], torch.dtype], nn.Module]
+                      | None = None) -> nn.Module:
     """Put GGUF blocks to work in place of dense linears; returns the model.
 
     ``quantized`` maps Meta weight names to (ggml_type, flat uint8 blocks, shape), as returned by
     ``corral.checkpoint.gguf.load_gguf_quantized``. Block linears and ``output`` named there are replaced;
     a ``tok_embeddings.weight`` entry becomes a BlockEmbedding (rows widened on lookup) and, in a tied
     model, also gives the model its quantized ``output``. ``make_linear(ggml_type, blocks, shape)``
-    builds each module instead of torch's kernels (``corral.kernels.linear.gguf_linear`` does).
+    builds each module instead of torch's kernels (``corral.kernels.linear.gguf_linear`` does), and
+    ``make_embedding(ggml_type, blocks, shape, dtype)`` the token table instead of a BlockEmbedding.
     """
+    make_embedding = make_embedding or BlockEmbedding
     for name, (ggml_type, data, shape) in quantized.items():
         module_name = name.removesuffix(".weight")
         if name == "tok_embeddings.weight":
             dtype = model.norm.weight.dtype  # the activations' dtype
             if model.tok_embeddings.weight.is_meta:
-                model.tok_embeddings = BlockEmbedding(ggml_type, data.to(device) if device else data, shape, dtype)
+                model.tok_embeddings = make_embedding(ggml_type, data.to(device) if device else data, shape, dtype)
             if not include_output or model.output is not None:
                 continue
             module_name = "output"

@@ -3,28 +3,26 @@
     request -> CountRequests (metrics) -> Guard (Host, API key, body size) -> FastAPI routing
             -> openai.router (/v1/...), ollama.router (/api/...), web.router (/, /corral/...)
 
-Routers written by other parts of the project are included when their module exists (the server
-runs without the Ollama dialect or the chat page, never with a half-imported one).
+ROUTERS is the table of them; `build_app(state, routers=...)` serves a subset (tests start servers
+without the chat page or the Ollama dialect).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import secrets
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from corral.server import openai, responses
+from corral.server import ollama, openai, responses, web
 from corral.server.errors import install_handlers
 from corral.server.security import Guard
 from corral.server.state import ServerState
 
-OPTIONAL_ROUTERS = ("corral.server.ollama", "corral.server.web")
+ROUTERS = {"openai": openai.router, "responses": responses.router, "ollama": ollama.router, "web": web.router}
 
 
 class CountRequests:
@@ -83,7 +81,7 @@ async def preload(state: ServerState) -> None:
             state.pool.default_model = model.name
 
 
-def build_app(state: ServerState, optional_routers: tuple[str, ...] = OPTIONAL_ROUTERS) -> FastAPI:
+def build_app(state: ServerState, routers: tuple[str, ...] = tuple(ROUTERS)) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await preload(state)
@@ -98,11 +96,8 @@ def build_app(state: ServerState, optional_routers: tuple[str, ...] = OPTIONAL_R
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.corral = state
     install_handlers(app)
-    app.include_router(openai.router)
-    app.include_router(responses.router)
-    for name in optional_routers:
-        if importlib.util.find_spec(name) is not None:
-            app.include_router(importlib.import_module(name).router)
+    for name in routers:
+        app.include_router(ROUTERS[name])
 
     @app.get("/health")
     async def health() -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import socket
+from pathlib import Path
 
 DESCRIPTION = """Serve models over HTTP: the OpenAI API under /v1 (chat/completions, completions, embeddings,
 models), the Ollama API under /api, a chat page at /, /health and /metrics (Prometheus).
@@ -28,7 +30,10 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, metavar="HOST[:PORT]",
                    help="address to bind (default: $CORRAL_HOST or 127.0.0.1:11435); binding beyond loopback "
                         "without an API key prints a warning")
-    p.add_argument("--port", type=int, default=None, help="port (overrides the one in --host / CORRAL_HOST)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port (overrides the one in --host / CORRAL_HOST); 0 picks a free one, printed at start")
+    p.add_argument("--port-file", default=None, metavar="PATH",
+                   help="write the bound port here once listening (useful with --port 0)")
     p.add_argument("--model", action="append", default=None, metavar="NAME|PATH",
                    help="load at start (repeatable); the first is the default for requests naming no model. "
                         "A file path is served under its file name")
@@ -72,6 +77,8 @@ def config_from_args(args):
     if args.host:
         config.host, config.port = split_host_port(args.host, config.port)
     if args.port is not None:
+        if not 0 <= args.port < 65536:
+            raise ConfigError(f"--port must be 0-65535 (0: any free port), got {args.port}")
         config.port = args.port
     for flag, attr in (("parallel", "parallel"), ("queue", "max_queue"), ("max_loaded", "max_loaded"),
                        ("context", "context_length"), ("max_body", "max_body_bytes"),
@@ -94,6 +101,37 @@ def config_from_args(args):
     return config
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: the kernel picks a free one). Binding here, not in uvicorn,
+    lets the server say which port it got: a test or script starts it on port 0 and reads the port back,
+    instead of guessing a free port another process may take first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        from corral.errors import CorralError
+
+        sock.close()
+        raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)  # connections queue from now on, even while models preload
+    sock.set_inheritable(True)
+    return sock
+
+
+def announce(sock: socket.socket, port_file: str | None) -> int:
+    """Print the URL actually bound (stdout, one line) and write the port to port_file atomically."""
+    from corral.checkpoint.atomic import write_atomic
+
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if port_file:
+        write_atomic(Path(port_file), lambda tmp: tmp.write_text(f"{port}\n"))
+    print(f"corral serve: listening on http://{shown}:{port}", flush=True)
+    return port
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -103,8 +141,11 @@ def cmd_serve(args) -> int:
     from corral.server.state import ServerState
 
     config = config_from_args(args)
+    host = config.host.strip("[]")
+    sock = listen(host, config.port)
+    config.port = announce(sock, args.port_file)
     warn_if_exposed(config)
     app = build_app(ServerState.create(config))
-    host = config.host.strip("[]")
-    uvicorn.Server(uvicorn_config(app, config, host=host, port=config.port, log_level=args.log_level)).run()
+    server = uvicorn.Server(uvicorn_config(app, config, host=host, port=config.port, log_level=args.log_level))
+    server.run(sockets=[sock])  # the socket bound (and announced) above
     return 0

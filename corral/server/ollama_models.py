@@ -48,17 +48,38 @@ def details_of(config: dict) -> dict:
 def _register_embedded(store) -> None:
     """The embedded SmolLM2 registers on first use; Ollama clients list and show models before using one, so
     tags and show register it too (as /v1/models lists it on a fresh store)."""
-    from corral.repl import ensure_default
+    from corral.store.load import ensure_default
 
     try:
         ensure_default(store)
     except ModelNotFoundError:
-        pass  # its package is not installed: there is nothing to list
+        pass  # its package is not installed: there is nothing to show
+
+
+def _embedded_tag(store) -> dict | None:
+    """The embedded SmolLM2 as /api/tags lists it before it is stored (as /v1/models does), read from its file:
+    listing writes nothing. Its digest stands for the file (name, size, time); registering gives the real one."""
+    import hashlib
+
+    from corral.llm import default_model_path
+    from corral.store.create import describe
+    from corral.store.names import parse_name
+
+    if store.manifest_path(parse_name(DEFAULT_MODEL)).is_file():
+        return None
+    try:
+        path = default_model_path()
+    except ModelNotFoundError:
+        return None
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return {"name": DEFAULT_MODEL, "model": DEFAULT_MODEL, "modified_at": iso(stat.st_mtime), "size": stat.st_size,
+            "digest": digest, "details": details_of(describe(path, "gguf"))}
 
 
 def _tags(store) -> dict:
-    _register_embedded(store)
-    models = []
+    embedded = _embedded_tag(store)
+    models = [embedded] if embedded else []
     for entry in store.entries():
         try:
             config = store.info(entry.name).config

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from corral.errors import CorralError
 from corral.server.conversations import ConversationError, ConversationNotFound, ConversationStore
-from corral.server.errors import disk_full
+from corral.server.errors import BadRequest, disk_full
 from corral.server.jsonbody import parse_json
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -86,7 +86,10 @@ async def _body(request: Request, limit: int = 2 << 20, allowed: set[str] | None
     raw = await request.body()
     if len(raw) > limit:
         return _error(413, f"body is {len(raw)} bytes; the limit is {limit}")
-    body = parse_json(raw or b"{}")  # 400 for bad JSON, deep nesting, lone surrogates
+    try:
+        body = parse_json(raw or b"{}")  # bad JSON, deep nesting, lone surrogates
+    except BadRequest as e:
+        return _error(400, str(e))
     unknown = set(body) - allowed if allowed is not None else set()
     if unknown:
         return _error(400, f"unknown field(s) {sorted(unknown)}")
@@ -225,7 +228,10 @@ async def import_conversations(request: Request) -> Any:
     raw = await request.body()
     if len(raw) > MAX_IMPORT_BYTES:
         return _error(413, f"import is {len(raw)} bytes; the limit is {MAX_IMPORT_BYTES}")
-    data = await run_in_threadpool(parse_json, raw)  # up to 64 MiB: checked off the event loop
+    try:
+        data = await run_in_threadpool(parse_json, raw)  # up to 64 MiB: checked off the event loop
+    except BadRequest as e:
+        return _error(400, str(e))
     result = await _call(request, "import_", data)
     return result if isinstance(result, JSONResponse) else {"imported": result}
 

@@ -62,15 +62,30 @@ def cmd_create(args) -> int:
     from corral.store import create_model, parse_modelfile
 
     path = Path(args.file)
-    text = path.read_text(encoding="utf-8") if path.is_file() else None
-    if text is None:
-        raise FileNotFoundError(f"no Modelfile at {path}")
+    text = _read_modelfile(path)
     started = time.perf_counter()
     with Bars() as bars:
         manifest = create_model(_store(), args.name, parse_modelfile(text, str(path)), path.parent, bars)
     print(f"created {args.name} ({human_size(manifest.total_size())}, {len(manifest.layers)} layers) "
           f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+def _read_modelfile(path: Path) -> str:
+    """A Modelfile's text; a missing, special or non-UTF-8 file is one clear error naming the line."""
+    from corral.errors import FormatError
+    from corral.store.modelfile import MAX_MODELFILE_BYTES
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no Modelfile at {path}" + (" (not a regular file)" if path.exists() else ""))
+    with open(path, "rb") as f:
+        data = f.read(MAX_MODELFILE_BYTES + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise FormatError(f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}", path=str(path),
+                          field=f"line {line}") from None
 
 
 def cmd_import(args) -> int:
@@ -192,8 +207,13 @@ def cmd_verify(args) -> int:
         problems = store.verify(bar.update)
     for problem in problems:
         print(problem)
+    leftovers = store.leftovers()
+    for path, size in leftovers:  # not damage: space a killed command left; the next `rm` or quantize frees it
+        print(f"leftover {path.relative_to(store.home)} ({human_size(size)}) from a killed command; "
+              "the next `corral rm` or `corral quantize` removes it")
+    left = f", {len(leftovers)} leftovers ({human_size(sum(s for _, s in leftovers))})" if leftovers else ""
     print(f"{len(store.blobs.digests())} blobs ({human_size(total)}), {len(store.entries())} models: "
-          f"{'OK' if not problems else f'{len(problems)} problems'}", file=sys.stderr)
+          f"{'OK' if not problems else f'{len(problems)} problems'}{left}", file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -350,10 +370,9 @@ def cmd_convert(args) -> int:
 def cmd_quantize(args) -> int:
     """GGUF mixes (llama.cpp's per-tensor types and blocks) write new weights; int8/int4 store a model that is
     quantized when it loads."""
-    import tempfile
-
     from corral.store import Modelfile, create_model
     from corral.store.convert import RUNTIME_QUANTS, quantize_gguf
+    from corral.store.scratch import scratch_dir
 
     store, started = _store(), time.perf_counter()
     source = _source_path(args.source)
@@ -363,11 +382,10 @@ def cmd_quantize(args) -> int:
         print(f"created {new_name}: {args.source} loaded with {args.type} weights (no new blob) "
               f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         return 0
-    store.models.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
-    with tempfile.TemporaryDirectory(dir=store.models, prefix=".quantize-") as scratch:
-        out = Path(args.output) if args.output else Path(scratch) / "model.gguf"
+    with scratch_dir(store.models, "quantize") as scratch:  # a kill leaves it to the next GC (RELIABILITY 45)
+        out = Path(args.output) if args.output else scratch / "model.gguf"
         total = _path_size(source)
         with tqdm(total=total, desc=f"quantize {args.type}", unit="B", unit_scale=True, file=sys.stderr,
                   disable=None, leave=False) as bar:

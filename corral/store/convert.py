@@ -9,14 +9,13 @@ quantize writes one of llama.cpp's mixes (Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0): eac
 type llama.cpp's quantizer would give it (``corral.checkpoint.gguf_quant``) and, from float
 weights, the same blocks byte for byte. A GGUF source is read tensor by tensor: a tensor already in
 its target type is copied, others are widened to float32 and quantized (a quantized source is
-requantized, which llama.cpp refuses without --allow-requantize). Other sources are first exported
-as an F32 GGUF with their tokenizer.
+requantized, which llama.cpp refuses without --allow-requantize). Other sources are loaded and
+written in the mix directly, with their tokenizer.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,8 +127,9 @@ def quantize_gguf(source: Path, dest: Path, qtype: str, tick: Callable[[int], No
     if detect_format(source) == "gguf" and source.is_file():
         write_atomic(dest, lambda tmp: _write_requantized(source, tmp, qtype, tick))
         return dest
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".quantize-") as scratch:
-        f32 = Path(scratch) / "f32.gguf"
-        convert_checkpoint(source, f32, "gguf", "F32")
-        write_atomic(dest, lambda tmp: _write_requantized(f32, tmp, qtype, tick))
+    # HF or Meta: one pass, weights and tokenizer straight into the mix (export_gguf writes atomically).
+    convert_checkpoint(source, dest, "gguf", qtype)
+    if tick:
+        files = [p for p in source.rglob("*") if p.is_file()] if source.is_dir() else [source]
+        tick(sum(p.stat().st_size for p in files))
     return dest

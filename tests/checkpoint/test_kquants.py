@@ -133,3 +133,31 @@ def test_quantize_small_model_equals_llama_model_quantize(tmp_path, mix, tied):
         for name, info in theirs.tensors.items():
             assert (name, ours.tensors[name].type_name) == (name, info.type_name)
             assert np.array_equal(ours.raw(name), theirs.raw(name)), name
+
+
+def test_cli_quantize_of_an_hf_directory_writes_the_q4_k_m_mix_that_loads(tmp_path, capsys):
+    """`corral quantize DIR --type Q4_K_M -o F`: llama.cpp's types, the blocks our quantizer makes from the same
+    floats, and weights that dequantize close to the originals."""
+    from corral.checkpoint.gguf import load_gguf
+    from corral.checkpoint.hf import export_hf
+    from corral.cli import main
+
+    config = dataclasses.replace(SMALL, n_layers=2)
+    g = torch.Generator().manual_seed(5)
+    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in expected_shapes(config).items()}
+    export_hf(config, state, tmp_path / "hf")
+    assert main(["quantize", str(tmp_path / "hf"), "--type", "Q4_K_M", "-o", str(tmp_path / "q.gguf")]) == 0
+    assert "Q4_K_M" in capsys.readouterr().err
+    with read_gguf(tmp_path / "q.gguf") as q:
+        assert q.metadata["general.file_type"] == 15 and q.metadata["general.quantization_version"] == 2
+        types = {n: i.type_name for n, i in q.tensors.items()}
+        assert types["blk.1.attn_q.weight"] == "Q4_K" and types["blk.1.attn_v.weight"] == "Q6_K"
+        # Of 2 layers only layer 1 gets more bits; ffn_down rows of 640 fall back: Q6_K -> Q8_0, Q4_K -> Q5_0.
+        assert (types["blk.1.ffn_down.weight"], types["blk.0.ffn_down.weight"]) == ("Q8_0", "Q5_0")
+        assert types["blk.0.attn_v.weight"] == "Q4_K"
+        assert types["output.weight"] == "Q6_K" and types["blk.0.attn_norm.weight"] == "F32"
+        wq = state["layers.1.attention.wq.weight"].numpy()
+        assert np.array_equal(q.raw("blk.1.attn_q.weight"), quantize_tensor(wq, T.Q4_K).reshape(-1))
+    loaded = load_gguf(tmp_path / "q.gguf").state_dict
+    err = (loaded["layers.1.attention.wq.weight"] - state["layers.1.attention.wq.weight"]).abs().max()
+    assert err < 0.02  # 4-bit levels over a ~0.4 range

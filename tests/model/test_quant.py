@@ -211,12 +211,12 @@ def test_gguf_quantized_load_builds_native_modules_that_match_the_dense_load(tmp
     path = export_gguf(model.config, model.state_dict(), tmp_path / "tiny.gguf", qtype="Q8_0")
     ckpt, raw = load_gguf_quantized(path)
     linears = {f"layers.{i}.{p}.weight" for i in range(TINY.n_layers) for p in BLOCK_LINEARS}
-    assert set(raw) == linears | {"tok_embeddings.weight" if tied else "output.weight"}
+    assert set(raw) == linears | {"tok_embeddings.weight"} | (set() if tied else {"output.weight"})
     assert all(ckpt.state_dict[n].is_meta for n in linears)
-    assert ckpt.state_dict["tok_embeddings.weight"].is_meta == tied  # a tied table stays in blocks
+    assert ckpt.state_dict["tok_embeddings.weight"].is_meta  # the table stays in blocks, tied or not
     native = apply_gguf_quant_(build_model(ckpt.config, ckpt.state_dict), raw)
     assert isinstance(native.output, Int8Linear)
-    assert isinstance(native.tok_embeddings, BlockEmbedding) == tied
+    assert isinstance(native.tok_embeddings, BlockEmbedding)
     dense_ckpt = load_gguf(path)
     dense = build_model(dense_ckpt.config, dense_ckpt.state_dict)
     tokens = torch.arange(20).view(1, 20)

@@ -51,8 +51,8 @@ class LiveServer:
         self.thread.join(30)
 
 
-ROUTERS = tuple(r for r in os.environ.get("CORRAL_TEST_ROUTERS", "corral.server.ollama,corral.server.web").split(",")
-                if r)
+# The routers the shared server includes (server.app.ROUTERS names; default: all of them).
+ROUTERS = tuple(r for r in os.environ.get("CORRAL_TEST_ROUTERS", "openai,responses,ollama,web").split(",") if r)
 
 
 def start_server(home, **overrides) -> LiveServer:
@@ -86,8 +86,8 @@ def start_server(home, **overrides) -> LiveServer:
 @pytest.fixture(scope="session")
 def corral_home(tmp_path_factory):
     """A store with the embedded model registered once for the whole session."""
-    from corral.repl import ensure_default
     from corral.store import Store
+    from corral.store.load import ensure_default
 
     home = tmp_path_factory.mktemp("corral_home")
     old = os.environ.get("CORRAL_HOME")

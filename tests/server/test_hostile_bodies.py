@@ -241,9 +241,14 @@ def test_a_really_full_disk_answers_507_and_keeps_the_last_good_state(tiny_disk)
 # -- item 15: the embedded model on a fresh store --------------------------------------------------------------
 
 def test_a_fresh_store_lists_and_shows_the_embedded_model_to_ollama_clients(tmp_path):
-    """Issue 14 item 15: /api/tags was empty and /api/show smollm2:135m a 404 until first use."""
+    """Issue 14 item 15: /api/tags was empty and /api/show smollm2:135m a 404 until first use. Listing reads the
+    package's file and writes nothing; show registers it, as a first chat would."""
     with app_client(tmp_path) as c:
         tags = c.get("/api/tags").json()["models"]
+        stored_by_listing = (tmp_path / "models" / "blobs").exists()
         shown = c.post("/api/show", json={"model": MODEL})
-    assert [m["name"] for m in tags] == [MODEL]
-    assert shown.status_code == 200 and shown.json()["details"]["family"]
+        again = c.get("/api/tags").json()["models"]
+    assert [m["name"] for m in tags] == [MODEL] and tags[0]["details"]["quantization_level"] == "Q4_1"
+    assert not stored_by_listing
+    assert shown.status_code == 200 and shown.json()["details"]["family"] == "llama"
+    assert [m["name"] for m in again] == [MODEL] and again[0]["size"] > 0

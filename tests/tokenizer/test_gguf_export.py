@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from corral.checkpoint.gguf import expected_shapes
+from corral.checkpoint.base import weight_shapes
 from corral.checkpoint.gguf_reader import read_gguf
 from corral.cli import main
 from corral.model.config import ModelConfig
@@ -40,7 +40,7 @@ POST = {"type": "Sequence", "processors": [
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) * 0.02 for k, s in expected_shapes(CONFIG).items()}
+    return {k: torch.randn(s, generator=g) * 0.02 for k, s in weight_shapes(CONFIG).items()}
 
 
 @pytest.fixture(scope="module")
