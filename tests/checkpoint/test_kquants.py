@@ -144,7 +144,7 @@ def test_cli_quantize_of_an_hf_directory_writes_the_q4_k_m_mix_that_loads(tmp_pa
 
     config = dataclasses.replace(SMALL, n_layers=2)
     g = torch.Generator().manual_seed(5)
-    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in expected_shapes(config).items()}
+    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in weight_shapes(config).items()}
     export_hf(config, state, tmp_path / "hf")
     assert main(["quantize", str(tmp_path / "hf"), "--type", "Q4_K_M", "-o", str(tmp_path / "q.gguf")]) == 0
     assert "Q4_K_M" in capsys.readouterr().err
