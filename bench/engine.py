@@ -1,11 +1,11 @@
 """Corral vs llama.cpp vs transformers on one GGUF: `python bench/engine.py [MODEL] [--runs N] ...`.
 
-A thin wrapper over `corral.benchmark` (the same as `corral bench`); see bench/README.md.
+A thin wrapper over `corral.bench.harness` (the same as `corral bench`); see bench/README.md.
 """
 
 import sys
 
-from corral.benchmark import main
+from corral.bench.harness import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ Both sides get the same model shape (translated to a LlamaConfig), the same init
 (Corral's, copied through the HF key map), the same token batches (the config's corpus
 through Corral's loader), AdamW with the same hyperparameters, gradient clipping at 1.0,
 fp32, the same torch thread count, in the same process one after the other. Corral runs its
-real ``train_step`` (corral.train.pretrain) on what ``setup`` built: the fused chunked
+real ``train_step`` (corral.train.loop, with pretraining's objective) on what ``setup`` built: the fused chunked
 output-projection + cross-entropy (corral.train.loss), fused AdamW, and with ``--compile``
 the whole trunk compiled as one graph. transformers runs the loop a user would write:
 ``model(input_ids).logits`` -> cross-entropy -> backward -> clip -> step, with
@@ -73,11 +73,13 @@ def measure(config, n: int, hf_fused: bool = False, hf_compile: bool = False) ->
     machine's load changes hit both equally."""
     from corral.model.llama import Transformer, init_weights_
     from corral.train.failure import LossGuard
-    from corral.train.pretrain import train_step
+    from corral.train.loop import train_step
+    from corral.train.pretrain import next_token_objective
     from corral.train.setup import setup
 
     run = setup(config)
     guard = LossGuard(config.failure, [])
+    loss_fn = next_token_objective(run)
     torch.manual_seed(config.train.seed)
     model = hf_model(config, init_weights_(Transformer(config.model)))  # Corral's initial weights
     o = config.optim
@@ -89,7 +91,7 @@ def measure(config, n: int, hf_fused: bool = False, hf_compile: bool = False) ->
     for _ in range(n):
         batch = run.loader.next_batch()  # (B, T) inputs and targets
         t0 = time.perf_counter()
-        train_step(run, [batch], guard)
+        train_step(run, [batch], loss_fn, guard)
         t1 = time.perf_counter()
         hf_step(forward, model, opt, *batch, o.grad_clip)
         corral_times.append(t1 - t0)

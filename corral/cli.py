@@ -1,13 +1,22 @@
-"""The ``corral`` command. COMMANDS at the bottom is the whole registry."""
+"""The ``corral`` command. COMMANDS at the bottom is the whole registry: every subcommand, its handler,
+the function that adds its arguments, and its one-line help, each from the module that owns the work.
+"""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from corral.errors import CorralError
+from corral import repl
+from corral.bench import harness as bench
+from corral.errors import CorralError, FormatError
+from corral.server import commands as server
+from corral.store import commands as store
+from corral.train import commands as train
+from corral.train import scaling_commands as scaling
 
 
 def _add_model_and_sampling(p: argparse.ArgumentParser) -> None:
@@ -71,66 +80,96 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """A simple chat REPL: type a message, get a streamed answer; /clear forgets, /bye (or Ctrl+D) quits."""
+    """Chat with a model file in the terminal (the `corral run` loop: /? for help, /bye or Ctrl+D quits)."""
+    from corral.llm import default_model_path
+    from corral.store import Store
+
     llm = _load(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = []
-    print("Chatting with", llm.name, "- /clear to forget, /bye to quit.", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        if line.strip() in ("/bye", "/exit", "/quit"):
-            return 0
-        if line.strip() == "/clear":
-            history.clear()
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        try:
-            result = llm.chat(system + history, on_text=_write, **_sampling(args))
-        except KeyboardInterrupt:
-            history.pop()
-            print("\n[stopped]", file=sys.stderr)
-            continue
-        _write("\n")
-        history.append({"role": "assistant", "content": result.text})
+    options = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+               "repeat_penalty": args.repeat_penalty, "num_predict": args.max_tokens, "seed": args.seed}
+    session = repl.Session(llm.name, llm, {k: v for k, v in options.items() if v is not None}, args.system,
+                           from_=str(args.model or default_model_path()))
+    return repl.repl(Store(), session)
 
 
-COMMANDS = {
-    "generate": cmd_generate,
-    "chat": cmd_chat,
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_or_prompt", nargs="+", metavar="[MODEL] PROMPT",
+                   help="optional model path, then the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print load time and tokens/s to stderr")
+    _add_model_and_sampling(p)
+
+
+def chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="model path (default: embedded SmolLM2)")
+    p.add_argument("--system", default=None, help="system message for the whole conversation")
+    p.add_argument("-v", "--verbose", action="store_true", help="print load time to stderr")
+    _add_model_and_sampling(p)
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] | None
+    help: str
+    aliases: tuple[str, ...] = ()
+
+
+# name -> Command(handler, adds its arguments, help). "group step" names a step of a group in GROUPS.
+COMMANDS: dict[str, Command] = {
+    "generate": Command(cmd_generate, generate_arguments, "continue or answer one prompt and exit"),
+    "chat": Command(cmd_chat, chat_arguments, "interactive chat in the terminal"),
+    "run": Command(repl.cmd_run, repl.run_arguments, "chat with a stored model, or answer one prompt"),
+    "create": Command(store.cmd_create, store.create_arguments, "create a stored model from a Modelfile"),
+    "import": Command(store.cmd_import, store.import_arguments,
+                      "store a GGUF file, HF/Meta directory or .tar archive"),
+    "list": Command(store.cmd_list, store.list_arguments, "list stored models", aliases=("ls",)),
+    "show": Command(store.cmd_show, store.show_arguments, "show a stored model's details"),
+    "cp": Command(store.cmd_cp, store.cp_arguments, "copy a model to a new name (no blob is copied)"),
+    "rm": Command(store.cmd_rm, store.rm_arguments, "remove models; blobs no other model uses are deleted"),
+    "verify": Command(store.cmd_verify, None, "re-hash every blob and check every manifest"),
+    "ps": Command(store.cmd_ps, None, f"models a running server holds (CORRAL_HOST, default {store.DEFAULT_HOST})"),
+    "pull": Command(store.cmd_pull, store.pull_arguments,
+                    "copy a model in from a store directory, a .tar or a Corral server"),
+    "push": Command(store.cmd_push, store.push_arguments,
+                    "copy a model out to a store directory, a .tar or a Corral server"),
+    "convert": Command(store.cmd_convert, store.convert_arguments, "write a model in another checkpoint format"),
+    "quantize": Command(store.cmd_quantize, store.quantize_arguments,
+                        "quantize a model: GGUF Q4_K_M/Q5_K_M/Q6_K/Q8_0/Q4_0, or runtime int8/int4"),
+    "pretrain": Command(train.cmd_pretrain, train.pretrain_arguments, "pretrain a Llama 3 model from a TOML config"),
+    "export": Command(train.cmd_export, train.export_arguments, "export a trained checkpoint as hf, meta or gguf"),
+    "scaling sweep": Command(scaling.cmd_sweep, scaling.sweep_arguments, "train the grid of small models"),
+    "scaling fit": Command(scaling.cmd_fit, scaling.fit_arguments, "fit the law, draw it, predict the target"),
+    "scaling check": Command(scaling.cmd_check, scaling.check_arguments,
+                             "train the held-out target and report the prediction error"),
+    "bench": Command(bench.cmd_bench, bench.add_arguments, "benchmark Corral against llama.cpp and transformers"),
+    "serve": Command(server.cmd_serve, server.serve_arguments, "run the OpenAI/Ollama-compatible HTTP server"),
 }
-# Modules that add their own subcommands (``add_parsers(sub)``); a module not written yet is skipped.
-SUBCOMMAND_MODULES = (
-    "corral.repl",
-    "corral.store.commands",
-    "corral.train.commands",
-    "corral.train.scaling_commands",
-    "corral.benchmark",
-    "corral.server.commands",
-)
+# group -> (help, description) for the group's own `corral GROUP --help`.
+GROUPS = {
+    "scaling": ("scaling laws: sweep small models, fit L(N, D), check a larger run", scaling.__doc__.splitlines()[0]),
+}
 
 
-def _add_module_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    import importlib
-    import importlib.util
-
-    for module_name in SUBCOMMAND_MODULES:
-        try:
-            if importlib.util.find_spec(module_name) is None:
-                continue
-        except ModuleNotFoundError:
-            continue
-        module = importlib.import_module(module_name)
-        params = inspect.signature(module.add_parsers).parameters
-        module.add_parsers(sub, [common]) if "parents" in params else module.add_parsers(sub)
+def _add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    steps: dict[str, argparse._SubParsersAction] = {}
+    for name, command in COMMANDS.items():
+        group, _, step = name.rpartition(" ")
+        where = sub
+        if group:
+            if group not in steps:
+                help, description = GROUPS[group]
+                parser = sub.add_parser(group, help=help, description=description)
+                metavar = "{" + ",".join(n.split(" ")[1] for n in COMMANDS if n.startswith(group + " ")) + "}"
+                steps[group] = parser.add_subparsers(dest=f"{group}_command", required=True, metavar=metavar)
+            where = steps[group]
+        p = where.add_parser(step, help=command.help, description=command.handler.__doc__ or command.help,
+                             parents=[common], aliases=list(command.aliases))
+        if command.arguments is not None:
+            command.arguments(p)
+        p.set_defaults(handler=command.handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,26 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="continue or answer one prompt and exit", description=cmd_generate.__doc__,
-                         parents=[common])
-    gen.add_argument("model_or_prompt", nargs="+", metavar="[MODEL] PROMPT",
-                     help="optional model path, then the prompt text")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--system", default=None, help="system message (with --chat)")
-    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    gen.add_argument("-v", "--verbose", action="store_true", help="print load time and tokens/s to stderr")
-    _add_model_and_sampling(gen)
-    gen.set_defaults(handler=COMMANDS["generate"])
-
-    chat = sub.add_parser("chat", help="interactive chat in the terminal", description=cmd_chat.__doc__,
-                          parents=[common])
-    chat.add_argument("model", nargs="?", default=None, help="model path (default: embedded SmolLM2)")
-    chat.add_argument("--system", default=None, help="system message for the whole conversation")
-    chat.add_argument("-v", "--verbose", action="store_true", help="print load time to stderr")
-    _add_model_and_sampling(chat)
-    chat.set_defaults(handler=COMMANDS["chat"])
-    _add_module_parsers(sub, common)
+    _add_commands(sub, common)
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error for a terminal: a FormatError's message leaves out its file (so a server never leaks a
+    path), the CLI puts it back in front."""
+    path = getattr(exc, "path", None) if isinstance(exc, FormatError) else None
+    text = f"{path}: {exc}" if path else str(exc)
+    return " ".join(text.split())  # one line, whatever the message held
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         # OSError: a missing Modelfile, a full disk, a permission: the user's to fix, so one line too.
         if args.debug:
             raise
-        print(f"corral: error: {exc}", file=sys.stderr)
+        print(f"corral: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

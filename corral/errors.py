@@ -42,3 +42,7 @@ class ConfigError(CorralError, ValueError):
 
 class ModelNotFoundError(CorralError, FileNotFoundError):
     """The model path or name does not exist."""
+
+
+class NoSpaceError(CorralError, OSError):
+    """The disk filled up during a write; the partial file was removed and the old state kept."""

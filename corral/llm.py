@@ -80,7 +80,7 @@ def _token_text(value) -> str | None:
 def chat_format_for(ckpt: Checkpoint, tokenizer):
     """Llama 3 models get the exact Llama 3 format; others render the Jinja template they carry."""
     from corral.tokenizer.chat_format import Llama3ChatFormat
-    from corral.tokenizer.template import JinjaChatFormat
+    from corral.tokenizer.template import template_chat_format
 
     specials = tokenizer.special_tokens
     if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:
@@ -92,20 +92,7 @@ def chat_format_for(ckpt: Checkpoint, tokenizer):
         return Llama3ChatFormat(tokenizer, version=version)
     meta = ckpt.metadata
     template = meta.get("tokenizer.chat_template") or (meta.get("tokenizer_config") or {}).get("chat_template")
-    if not template:
-        return None
-    eos = tokenizer.eos_id
-    id_to_text = {i: t for t, i in specials.items()}
-    stop_ids = {eos} if eos is not None else set()
-    if "<|im_end|>" in specials:  # ChatML models end a turn with <|im_end|>, not with end-of-text
-        stop_ids.add(specials["<|im_end|>"])
-    return JinjaChatFormat(
-        template,
-        tokenizer,
-        bos_token=id_to_text.get(tokenizer.bos_id, ""),
-        eos_token=id_to_text.get(eos, ""),
-        stop_ids=frozenset(stop_ids),
-    )
+    return template_chat_format(template, tokenizer) if template else None
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Transformer:

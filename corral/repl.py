@@ -1,23 +1,22 @@
-"""``corral run [NAME] [PROMPT]``: one answer, or a chat in the terminal, with a stored model.
+"""The one chat loop in the terminal: ``corral run [NAME] [PROMPT]`` and ``corral chat [MODEL]``.
 
-A stored model loads as: manifest -> model blob (or view directory) -> ``corral.load`` -> the
-stored PARAMETERs as sampling defaults, SYSTEM, MESSAGEs as the opening history, and a stored
-TEMPLATE (Jinja only) as the chat format. Ctrl+C raises KeyboardInterrupt inside the streaming
-callback loop, which ends that answer; the session goes on.
+``corral run`` opens a stored model (``corral.store.load.load_stored``): its PARAMETERs become the
+sampling defaults, SYSTEM the system message, MESSAGEs the opening history. ``corral chat`` opens a
+model file with the sampling flags as its parameters (cli.py). Both then run ``repl``. Ctrl+C raises
+KeyboardInterrupt inside the streaming callback loop, which ends that answer; the session goes on.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from corral.errors import CorralError
+from corral.store.load import DEFAULT_NAME, ensure_default, is_default, load_stored
 
-DEFAULT_NAME = "smollm2:135m"
 HELP = """Available commands:
   /set parameter NAME VALUE   temperature, top_p, top_k, min_p, repeat_penalty, seed, num_predict, stop
   /set system TEXT            set the system message
@@ -25,7 +24,7 @@ HELP = """Available commands:
   /clear                      forget the conversation
   /save NAME                  store this model with the current parameters, system and conversation
   /load NAME                  switch to another stored model
-  /bye                        exit
+  /bye                        exit (also /exit, /quit)
 Use \"\"\" to begin and end a multi-line message. Ctrl+C stops an answer; Ctrl+D exits."""
 
 
@@ -38,67 +37,24 @@ class Session:
     system: str | None = None
     history: list[dict] = field(default_factory=list)
     info: Any = None
-
-
-def ensure_default(store) -> None:
-    """Register the embedded SmolLM2 GGUF as smollm2:135m the first time it is needed."""
-    from corral.llm import default_model_path
-    from corral.store import Modelfile, create_model
-
-    if not store.manifest_path(_parse(DEFAULT_NAME)).is_file():
-        print(f"registering the embedded model as {DEFAULT_NAME} ...", file=sys.stderr)
-        create_model(store, DEFAULT_NAME, Modelfile(from_=str(default_model_path())))
-
-
-def _parse(name: str):
-    from corral.store import parse_name
-
-    return parse_name(name)
-
-
-def _apply_template(llm, template: str) -> None:
-    from corral.tokenizer.template import JinjaChatFormat
-
-    tok = llm.tokenizer
-    names = {i: t for t, i in tok.special_tokens.items()}
-    llm.chat_format = JinjaChatFormat(template, tok, bos_token=names.get(tok.bos_id, ""),
-                                      eos_token=names.get(tok.eos_id, ""), stop_ids=llm.stop_ids)
+    """The stored model's ModelInfo; None for a model file (`corral chat`)."""
+    from_: str | None = None
+    """What /save writes as FROM: the model file for `corral chat`; None means the stored name."""
 
 
 def open_session(store, name: str) -> Session:
-    import corral
-
-    info = store.info(name)
-    if info.adapters:
-        raise CorralError(f"{name} has an ADAPTER layer; applying LoRA adapters at load is not supported yet")
-    kwargs = {}
-    quant = info.config.get("quant")
-    if quant is not None:
-        if "quant" not in inspect.signature(corral.load).parameters:
-            raise CorralError(f"{name} is stored for {quant} loading, which this build of corral.load lacks")
-        kwargs["quant"] = quant
-    llm = corral.load(store.model_path(name), **kwargs)
-    llm.name = str(info.name)
-    if info.template:
-        _apply_template(llm, info.template)
-    return Session(str(info.name), llm, dict(info.parameters), info.system, list(info.messages), info)
+    llm, info = load_stored(store, name)
+    return Session(llm.name, llm, dict(info.parameters), info.system, list(info.messages), info)
 
 
 def sampling_kwargs(session: Session) -> tuple[dict, list[str]]:
     """Corral keyword arguments for the session's options, and the options this engine cannot apply yet."""
     from corral.store.modelfile import PARAMETERS
 
-    accepted = set(inspect.signature(session.llm.generate).parameters)
-    if "sampling" in accepted:  # generate(**sampling): the keywords are SamplingParams' fields
-        import dataclasses
-
-        from corral.engine.sampling import SamplingParams
-
-        accepted |= {f.name for f in dataclasses.fields(SamplingParams)}
     kwargs, ignored = {}, []
     for key, value in session.options.items():
-        target = PARAMETERS.get(key, (None, None))[1]
-        if target is not None and target in accepted:
+        target = PARAMETERS.get(key, (None, None))[1]  # LLM.generate's keyword (stop or a SamplingParams field)
+        if target is not None:
             kwargs[target] = value
         else:
             ignored.append(key)
@@ -143,7 +99,7 @@ def _set(session: Session, rest: str) -> None:
 def _show(session: Session, what: str) -> None:
     info = session.info
     if what == "info":
-        c = info.config
+        c = info.config if info is not None else {}
         print(f"  Model\n    name          {session.name}\n    parameters    {c.get('model_type')}"
               f"\n    format        {c.get('model_format')}\n    quantization  {c.get('file_type')}"
               f"\n    context       {session.llm.config.max_seq_len}")
@@ -153,9 +109,9 @@ def _show(session: Session, what: str) -> None:
     elif what == "system":
         print(session.system or "No system message was specified.")
     elif what == "template":
-        print(info.template or "(the model's own chat template)")
+        print((info and info.template) or "(the model's own chat template)")
     elif what == "license":
-        print("\n\n".join(info.licenses) or "No license was specified.")
+        print("\n\n".join(info.licenses if info is not None else []) or "No license was specified.")
     else:
         print("Usage: /show info|parameters|system|template|license")
 
@@ -163,7 +119,7 @@ def _show(session: Session, what: str) -> None:
 def _save(store, session: Session, name: str) -> None:
     from corral.store import Modelfile, create_model
 
-    mf = Modelfile(from_=session.name, parameters=dict(session.options), system=session.system,
+    mf = Modelfile(from_=session.from_ or session.name, parameters=dict(session.options), system=session.system,
                    messages=list(session.history))
     create_model(store, name, mf)
     print(f"Created new model '{name}'")
@@ -184,6 +140,8 @@ def _read_message(prompt: str = ">>> ") -> str:
 
 
 def _setup_history(store):
+    if not sys.stdin.isatty():  # piped input (`corral chat < questions.txt`) is not a history to keep
+        return None
     try:
         import readline
     except ImportError:  # no readline (Windows): input() still works, without history
@@ -201,7 +159,7 @@ def _setup_history(store):
 def _command(store, session: Session, line: str) -> Session | None:
     """Run a /command; returns the (maybe new) session, or None to exit."""
     word, _, rest = line.strip().partition(" ")
-    if word in ("/bye", "/exit"):
+    if word in ("/bye", "/exit", "/quit"):
         return None
     if word == "/set":
         _set(session, rest.strip())
@@ -223,6 +181,7 @@ def _command(store, session: Session, line: str) -> Session | None:
 
 
 def repl(store, session: Session) -> int:
+    """Chat until /bye or Ctrl+D: each line is a user turn, or a /command."""
     save_history = _setup_history(store)
     print(f"Chatting with {session.name}. /? for help, /bye to exit.", file=sys.stderr)
     try:
@@ -259,7 +218,7 @@ def cmd_run(args) -> int:
 
     store = Store()
     name = args.model or DEFAULT_NAME
-    if _parse(name) == _parse(DEFAULT_NAME):
+    if is_default(name):
         ensure_default(store)
     session = open_session(store, name)
     prompt = " ".join(args.prompt) if args.prompt else None
@@ -274,9 +233,6 @@ def cmd_run(args) -> int:
     return repl(store, session)
 
 
-def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] = ()) -> None:
-    p = sub.add_parser("run", help="chat with a stored model, or answer one prompt", description=cmd_run.__doc__,
-                       parents=list(parents))
+def run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help=f"stored model name (default: {DEFAULT_NAME})")
     p.add_argument("prompt", nargs="*", help="answer this and exit")
-    p.set_defaults(handler=cmd_run)

@@ -7,10 +7,17 @@ fsync the directory so the rename itself survives a crash (RELIABILITY.md 15, 33
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from corral.errors import NoSpaceError
+
+# numpy's tofile (what gguf's writer uses) reports a short write as "N requested and M written", without errno.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 @contextlib.contextmanager
@@ -25,10 +32,20 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise NoSpaceError(f"no space left on the device while writing {path.name}; "
+                               "the partial file was removed") from exc
         raise
     fsync_directory(path.parent)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write failed because the file system (or the user's quota) is full."""
+    if not isinstance(exc, OSError) or isinstance(exc, NoSpaceError):
+        return False
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or bool(_SHORT_WRITE.search(str(exc)))
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:

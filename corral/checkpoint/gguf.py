@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from corral.checkpoint.base import Checkpoint
+from corral.checkpoint.base import Checkpoint, check_layer_count, weight_shapes
 from corral.checkpoint.gguf_reader import GGUFFile, TensorInfo, read_gguf
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
@@ -140,11 +140,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     if scaling != "none" and _get(meta, "llama.rope.scaling.factor", (int, float), 1.0) != 1.0:
         raise FormatError(f"RoPE scaling {scaling!r} is not supported (Llama 3.1 scaling comes as rope_freqs)",
                           field="llama.rope.scaling.type")
-    # Each layer has 9 tensors: a block_count the tensor table cannot hold is refused before
-    # anything is built per layer.
-    if values["n_layers"] > len(gguf.tensors) // 9:
-        raise FormatError(f"{values['n_layers']} layers need more than the {len(gguf.tensors)} tensors in the file",
-                          field="llama.block_count")
+    check_layer_count(values["n_layers"], len(gguf.tensors), field="llama.block_count")
     try:
         config = ModelConfig(**values)
         if ROPE_FREQS in gguf.tensors:
@@ -154,26 +150,9 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     return config
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Meta name -> torch shape of every weight a model with `config` has."""
-    d, hd, hidden = config.dim, config.head_dim, config.hidden_dim
-    shapes = {"tok_embeddings.weight": (config.vocab_size, d), "norm.weight": (d,)}
-    if not config.tie_embeddings:
-        shapes["output.weight"] = (config.vocab_size, d)
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (config.n_heads * hd, d), p + "attention.wk.weight": (config.kv_heads * hd, d),
-            p + "attention.wv.weight": (config.kv_heads * hd, d), p + "attention.wo.weight": (d, config.n_heads * hd),
-            p + "feed_forward.w1.weight": (hidden, d), p + "feed_forward.w3.weight": (hidden, d),
-            p + "feed_forward.w2.weight": (d, hidden), p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
-        })
-    return shapes
-
-
 def _tensor_names(gguf: GGUFFile, config: ModelConfig) -> dict[str, str]:
     """Meta name -> GGUF name for every weight, after checking names and shapes against the config."""
-    shapes = expected_shapes(config)
+    shapes = weight_shapes(config)
     names: dict[str, str] = {}
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:
@@ -199,13 +178,17 @@ def _all_gguf_names(config: ModelConfig) -> list[str]:
         k.format(i=i) for i in range(config.n_layers) for k in layered]
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read a llama GGUF file into Meta-named `dtype` weights; ``metadata`` is the file's key/value dict."""
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, weights: bool = True) -> Checkpoint:
+    """Read a llama GGUF file into Meta-named `dtype` weights; ``metadata`` is the file's key/value dict.
+
+    ``weights=False`` checks the header and every tensor's name and shape, and returns meta-device tensors.
+    """
     with read_gguf(path) as gguf:
         config = config_from_gguf(gguf)
         state_dict: dict[str, torch.Tensor] = {}
         for meta, name in _tensor_names(gguf, config).items():
-            state_dict[meta] = gguf.tensor(name, dtype)
+            state_dict[meta] = (gguf.tensor(name, dtype) if weights
+                                else torch.empty(gguf.tensors[name].shape, dtype=dtype, device="meta"))
         return Checkpoint(config=config, state_dict=state_dict, format="gguf", path=Path(path),
                           metadata=gguf.metadata)
 

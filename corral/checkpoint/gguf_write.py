@@ -18,22 +18,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFWriter, LlamaFileType
+from gguf import GGUFWriter
 from gguf.constants import GGMLQuantizationType, GGUFValueType
-from gguf.quants import quantize
 
 from corral.checkpoint.atomic import write_atomic
-from corral.checkpoint.gguf import GGUF_TO_META, ROPE_FREQS, expected_shapes
+from corral.checkpoint.base import weight_shapes
+from corral.checkpoint.gguf import GGUF_TO_META, ROPE_FREQS
+from corral.checkpoint.gguf_quant import MIXES, quantize_tensor, tensor_types
 from corral.errors import ConfigError
 from corral.model.config import ModelConfig
 from corral.model.rope import rope_frequencies
 
-# qtype -> (type of 2-D weights, general.file_type).
-QTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
-    "F32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-    "F16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-    "Q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-}
+# qtype -> (base type of 2-D weights, general.file_type); llama.cpp's mixes, see gguf_quant.
+QTYPES = MIXES
 META_TO_GGUF: dict[str, str] = {meta: gguf for gguf, meta in GGUF_TO_META.items()}
 
 # Keys this module writes itself; a caller's metadata cannot override them.
@@ -101,20 +98,21 @@ def _add_config(writer: GGUFWriter, config: ModelConfig, qtype: str) -> None:
     writer.add_quantization_version(2)  # GGML_QNT_VERSION: the block layouts of ggml today
 
 
-def _encode(weight: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:
-    """One weight as GGUF data: (array, ggml type), norms kept F32."""
-    data = np.ascontiguousarray(weight.detach().to(device="cpu", dtype=torch.float32).numpy())
-    target = QTYPES[qtype][0]
-    if data.ndim == 1 or target == GGMLQuantizationType.F32:
-        return data, GGMLQuantizationType.F32
-    if target == GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
-        return quantize(data, target), target
-    # F16, and Q8_0 rows that are not whole 32-weight blocks (llama.cpp's converter falls back the same way).
-    return data.astype(np.float16), GGMLQuantizationType.F16
+def _types(config: ModelConfig, shapes: dict[str, tuple[int, ...]], qtype: str) -> dict[str, GGMLQuantizationType]:
+    """Meta name -> ggml type: llama.cpp's choice for `qtype` (norms F32; rows not whole blocks fall back)."""
+    f32 = int(GGMLQuantizationType.F32)
+    by_gguf = tensor_types({gguf_name(n): (s, f32) for n, s in shapes.items()}, qtype, n_layers=config.n_layers,
+                           n_heads=config.n_heads, n_kv_heads=config.kv_heads)
+    return {name: by_gguf[gguf_name(name)] for name in shapes}
+
+
+def _encode(weight: torch.Tensor, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """One weight as GGUF data of `ggml_type`."""
+    return quantize_tensor(weight.detach().to(device="cpu", dtype=torch.float32).numpy(), ggml_type)
 
 
 def _check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    shapes = expected_shapes(config)
+    shapes = weight_shapes(config)
     missing = [k for k in shapes if k not in state_dict]
     unexpected = [k for k in state_dict if k not in shapes]
     if missing or unexpected:
@@ -139,10 +137,9 @@ def _write(path: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
         _add_metadata(writer, metadata)
         if config.use_scaled_rope:
             writer.add_tensor(ROPE_FREQS, _rope_divisors(config))
-        for name in _check_state_dict(config, state_dict):
-            data, ggml_type = _encode(state_dict[name], qtype)
+        for name, ggml_type in _types(config, _check_state_dict(config, state_dict), qtype).items():
             # Quantized data is (rows, bytes) uint8; the writer turns that back into the weight's shape.
-            writer.add_tensor(gguf_name(name), data, raw_dtype=ggml_type)
+            writer.add_tensor(gguf_name(name), _encode(state_dict[name], ggml_type), raw_dtype=ggml_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from corral.checkpoint.atomic import write_atomic
 from corral.checkpoint.base import Checkpoint, permute_qk, read_json_object, unpermute_qk
 from corral.checkpoint.meta import check_state_dict, drop_tied_output
-from corral.checkpoint.safetensors_io import read_safetensors, write_safetensors
+from corral.checkpoint.safetensors_io import read_header, read_safetensors, write_safetensors
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
 
@@ -196,10 +196,22 @@ def _plain_file_name(name: object, index: Path) -> str:
     return name
 
 
-def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as meta-device tensors (shape and dtype): only the header is read."""
+    return {name: torch.empty(e.shape, dtype=e.dtype, device="meta") for name, e in read_header(path).tensors.items()}
+
+
+def _read_weight_file(read: Callable[[Path], dict[str, torch.Tensor]], path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return read(path)
+    except FormatError as exc:  # say which of the weight files is bad (its name, never its directory)
+        raise FormatError(f"bad safetensors file ({exc})", path=str(path), field=path.name) from None
+
+
+def _read_hf_tensors(directory: Path, read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """HF-named tensors from ``model.safetensors`` or the shards listed in its index."""
     if (directory / SINGLE_FILE).is_file():
-        return read_safetensors(directory / SINGLE_FILE)
+        return _read_weight_file(read, directory / SINGLE_FILE)
     index_path = directory / INDEX_FILE
     if not index_path.is_file():
         raise FormatError(f"no {SINGLE_FILE} and no {INDEX_FILE}", path=str(directory))
@@ -214,7 +226,7 @@ def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
         path = directory / file_name
         if not path.is_file():
             raise FormatError(f"listed in the index but missing: {file_name}", path=str(index_path), field=names[0])
-        found = read_safetensors(path)
+        found = _read_weight_file(read, path)
         for name in names:
             if name not in found:
                 raise FormatError(f"listed in the index but not in {file_name}", path=str(path), field=name)
@@ -233,7 +245,8 @@ def _to_meta(config: ModelConfig, hf_tensors: Mapping[str, torch.Tensor], direct
         if meta_key is not None:
             state_dict[meta_key] = tensor
     drop_tied_output(config, state_dict, directory)
-    check_state_dict(config, state_dict, directory)  # shapes are right before the q/k views below
+    # Shapes are right (and the depth is one the files hold) before the q/k views below.
+    check_state_dict(config, state_dict, directory, layers_field="num_hidden_layers")
     for i in range(config.n_layers):
         # HF half-split RoPE rows -> Meta interleaved pairs; (n_heads*head_dim, dim) either way.
         wq, wk = f"layers.{i}.attention.wq.weight", f"layers.{i}.attention.wk.weight"
@@ -242,8 +255,12 @@ def _to_meta(config: ModelConfig, hf_tensors: Mapping[str, torch.Tensor], direct
     return state_dict
 
 
-def load_hf(directory: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
-    """Read an HF Llama directory into Meta names and layout; ``dtype=None`` keeps the stored dtype."""
+def load_hf(directory: str | Path, dtype: torch.dtype | None = None, *, weights: bool = True) -> Checkpoint:
+    """Read an HF Llama directory into Meta names and layout; ``dtype=None`` keeps the stored dtype.
+
+    ``weights=False`` checks everything a load checks from the safetensors headers alone and returns
+    meta-device tensors (shapes and dtypes).
+    """
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -254,7 +271,8 @@ def load_hf(directory: str | Path, dtype: torch.dtype | None = None) -> Checkpoi
     except FormatError as exc:
         exc.path = str(config_path)
         raise
-    state_dict = _to_meta(config, _read_hf_tensors(directory), directory)
+    state_dict = _to_meta(config, _read_hf_tensors(directory, read_safetensors if weights else header_tensors),
+                          directory)
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     metadata: dict[str, Any] = {"config": hf_config}

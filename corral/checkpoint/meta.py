@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from corral.checkpoint.atomic import write_atomic
-from corral.checkpoint.base import Checkpoint, read_json_object
+from corral.checkpoint.base import Checkpoint, check_layer_count, read_json_object, weight_shapes
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
 
@@ -38,33 +38,16 @@ SPLIT_DIM: dict[str, int | None] = {
 }
 
 
-def meta_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every Meta key a model of this shape has, with its shape; no ``output.weight`` when tied."""
-    dim, hd = config.dim, config.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (config.vocab_size, dim)}
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        shapes |= {
-            p + "attention.wq.weight": (config.n_heads * hd, dim),
-            p + "attention.wk.weight": (config.kv_heads * hd, dim),
-            p + "attention.wv.weight": (config.kv_heads * hd, dim),
-            p + "attention.wo.weight": (dim, config.n_heads * hd),
-            p + "feed_forward.w1.weight": (config.hidden_dim, dim),
-            p + "feed_forward.w3.weight": (config.hidden_dim, dim),
-            p + "feed_forward.w2.weight": (dim, config.hidden_dim),
-            p + "attention_norm.weight": (dim,),
-            p + "ffn_norm.weight": (dim,),
-        }
-    shapes["norm.weight"] = (dim,)
-    if not config.tie_embeddings:
-        shapes["output.weight"] = (config.vocab_size, dim)
-    return shapes
+def check_state_dict(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], path: Path | None,
+                     layers_field: str = "n_layers") -> None:
+    """Raise FormatError naming missing, unexpected or wrongly shaped tensors (Meta names).
 
-
-def check_state_dict(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], path: Path | None) -> None:
-    """Raise FormatError naming missing, unexpected or wrongly shaped tensors (Meta names)."""
+    The config's layer count (``layers_field`` in the file) is checked against the tensors first, so the
+    expected names are only listed for a depth the weights can hold.
+    """
     where = str(path) if path is not None else None
-    expected = meta_shapes(config)
+    check_layer_count(config.n_layers, len(state_dict), field=layers_field, path=where)
+    expected = weight_shapes(config)
     missing = [k for k in expected if k not in state_dict]
     if missing:
         raise FormatError(f"missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}",
@@ -85,7 +68,10 @@ def drop_tied_output(config: ModelConfig, state_dict: dict[str, torch.Tensor], p
     if not config.tie_embeddings or output is None:
         return
     embed = state_dict.get("tok_embeddings.weight")
-    if embed is None or output.shape != embed.shape or not torch.equal(output, embed):
+    # Meta-device tensors (a load without weights) have shapes but no values to compare.
+    same = embed is not None and output.shape == embed.shape and (output.is_meta or embed.is_meta
+                                                                  or torch.equal(output, embed))
+    if not same:
         raise FormatError("config ties embeddings but the output weight differs from tok_embeddings",
                           path=str(path) if path is not None else None, field="output.weight")
     del state_dict["output.weight"]
@@ -150,7 +136,7 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], paths: list[Path]) -> di
         split = _split_dim(key, paths[0])
         if split is None:
             for part, path in zip(parts[1:], paths[1:]):
-                if part.shape != parts[0].shape or not torch.equal(part, parts[0]):
+                if part.shape != parts[0].shape or not (part.is_meta or torch.equal(part, parts[0])):
                     raise FormatError(f"replicated tensor differs from {paths[0].name}", path=str(path), field=key)
             merged[key] = parts[0]
             continue
@@ -161,8 +147,12 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], paths: list[Path]) -> di
     return merged
 
 
-def load_meta(directory: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
-    """Read a Meta checkpoint directory; ``dtype=None`` keeps the stored dtype."""
+def load_meta(directory: str | Path, dtype: torch.dtype | None = None, *, weights: bool = True) -> Checkpoint:
+    """Read a Meta checkpoint directory; ``dtype=None`` keeps the stored dtype.
+
+    ``weights=False`` checks everything a load checks but keeps only shapes (meta-device tensors): the
+    pickles are still opened (memory-mapped, ``weights_only``), so one that would run code is refused.
+    """
     directory = Path(directory)
     params_path = directory / "params.json"
     if not params_path.is_file():
@@ -173,7 +163,10 @@ def load_meta(directory: str | Path, dtype: torch.dtype | None = None) -> Checkp
     except ConfigError as exc:
         raise FormatError(str(exc), path=str(params_path)) from None
     paths = _shard_paths(directory)
-    state_dict = merge_shards([read_pth(p) for p in paths], paths)
+    shards = [read_pth(p) for p in paths]
+    if not weights:
+        shards = [{k: v.to("meta") for k, v in shard.items()} for shard in shards]
+    state_dict = merge_shards(shards, paths)
     if "output.weight" not in state_dict and "tie_embeddings" not in params:
         # Meta's params.json has no field for tying; a checkpoint without an output projection is tied.
         config = dataclasses.replace(config, tie_embeddings=True)

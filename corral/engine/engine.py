@@ -35,6 +35,33 @@ class ContextLengthError(RequestError):
     """The prompt is empty or does not fit in the context."""
 
 
+class Aborted(Exception):
+    """A forward stopped between layers because its request was aborted."""
+
+
+class AbortableCache:
+    """A cache view that stops the forward at the next layer once `req.abort` is set. A long prompt's prefill
+    is one forward (seconds for thousands of tokens); this lets a client that left end it within a layer."""
+
+    def __init__(self, view, req: Request):
+        self.view, self.req = view, req
+
+    def _check(self) -> None:
+        if self.req.abort:
+            raise Aborted
+
+    def update(self, layer_id: int, start_pos, k, v):
+        self._check()
+        return self.view.update(layer_id, start_pos, k, v)
+
+    def rows_of(self, layer_id: int):  # the C block step's way in (corral.kernels.attention)
+        self._check()
+        return self.view.rows_of(layer_id)
+
+    def __getattr__(self, name: str):
+        return getattr(self.view, name)
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -54,6 +81,8 @@ class Request:
     timings: dict[str, float] = field(default_factory=dict)
     constraint: Any = None
     """A corral.engine.constrain Constraint (mask / advance / complete) limiting what may come next, or None."""
+    abort: bool = False
+    """Set from any thread (a client that left): a running prefill stops at its next layer, then it is cancelled."""
     _seen: torch.Tensor | None = None
     _counts: torch.Tensor | None = None
 
@@ -194,6 +223,10 @@ class Engine:
             siblings = [r for r in self.waiting if r.prompt is req.prompt or r.prompt == req.prompt][: req.params.n - 1]
             slot = self._pick_slot(req.prompt)
             logits = self.prefill(req, slot)
+            if logits is None:  # aborted mid-prefill: its siblings share the prompt and the fate
+                for sib in siblings:
+                    self.cancel(sib)
+                continue
             events.append(self._emit(req, logits))
             for sib in siblings:
                 if None not in self.slots:
@@ -218,16 +251,22 @@ class Engine:
         self.slots[slot], req.slot, req.pos = req, slot, pos
         self.kept[slot] = list(req.prompt[:pos])
 
-    def prefill(self, req: Request, slot: int) -> torch.Tensor:
-        """Run the part of the prompt the slot does not hold yet; float32 logits (vocab,) of its last token."""
+    def prefill(self, req: Request, slot: int) -> torch.Tensor | None:
+        """Run the part of the prompt the slot does not hold yet; float32 logits (vocab,) of its last token,
+        or None when the request was aborted meanwhile (it is cancelled; the slot is free again)."""
         started = time.perf_counter()
         # Always recompute at least the last prompt token: its logits pick the first new token.
         reuse = min(_shared_prefix(self.kept[slot], req.prompt), len(req.prompt) - 1)
         self.cache.reserve(slot + 1, len(req.prompt) + 1)
         self._occupy(req, slot, reuse)
         tokens = torch.tensor([req.prompt[reuse:]], device=self.device)  # (1, T)
-        cache = self.cache.view(slice(slot, slot + 1), len(req.prompt))
-        logits = self.model(tokens, start_pos=reuse, cache=cache, last_only=True)[0, -1]
+        cache = AbortableCache(self.cache.view(slice(slot, slot + 1), len(req.prompt)), req)
+        try:
+            logits = self.model(tokens, start_pos=reuse, cache=cache, last_only=True)[0, -1]
+        except Aborted:
+            self.kept[slot] = list(req.prompt[:reuse])  # the rows past the reused prefix are half written
+            self._finish(req, "cancelled")
+            return None
         self.kept[slot] = list(req.prompt)
         req.pos = len(req.prompt)
         now = time.perf_counter()

@@ -10,36 +10,42 @@ a *frame* is a small tuple whose first item says what it is reading:
                                                UTF-8 state, esc = escape state, live = the prefix of an
                                                excluded key name that the string still spells (or None)
     (NUM, integer, phase, digits)              inside a number
+    (BND, integer, bounds, phase, neg, value, frac, digits)   inside a number with bounds: the digits so far
+                                               read as value / 10**frac; only prefixes that can still end
+                                               inside the bounds are allowed (no exponent)
     (LIT, choices, pos)                        inside one of some JSON-encoded literals (enum, true, null)
     (ARR, node, phase, count, ws, depth)       inside an array with count items so far
 
 Everything is immutable and hashable, so constrain.py caches token masks by stack. anyOf makes the
 recognizer nondeterministic: a *config* is a tuple of the stacks still alive (usually one).
 
-Bounds on the output form, so a model cannot loop forever inside one token class: at most MAX_WS
-whitespace bytes per gap, MAX_INT_DIGITS / MAX_FRAC_DIGITS / MAX_EXP_DIGITS digits in a number,
+Bounds on the output form, so a model cannot loop forever inside one token class: at most one space or
+newline per gap (MAX_WS), MAX_INT_DIGITS / MAX_FRAC_DIGITS / MAX_EXP_DIGITS digits in a number,
 nesting at most MAX_DEPTH; string lengths are bounded in json_schema (MAX_STRING, MAX_KEY).
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from corral.engine.json_schema import K_ARRAY, K_LITERAL, K_NUMBER, K_OBJECT, K_STRING, K_UNION, Node
 
-MAX_WS = 8
-"""Whitespace bytes allowed in one gap between tokens: enough for a newline and indentation 3 levels deep."""
+MAX_WS = 1
+"""Whitespace bytes allowed in one gap between tokens, a space or a newline (IS_WS): runs of blank lines,
+tabs or indentation only spend the model's tokens, and small models would write them until max_tokens."""
 MAX_INT_DIGITS, MAX_FRAC_DIGITS, MAX_EXP_DIGITS = 20, 20, 3
 """Digits per part of a number: room for any int64 and for every float Python's repr writes."""
 MAX_DEPTH = 20
 """Nesting of objects and arrays; at the limit a value can no longer open a container."""
 
-STR, VAL, OBJ, NUM, LIT, KEY, ARR = range(7)  # frame kinds, the commonest first
+STR, VAL, OBJ, NUM, LIT, KEY, ARR, BND = range(8)  # frame kinds, the commonest first
 P_OPEN, P_KEY, P_COLON, P_AFTER = range(4)  # object phases: after "{", after ",", after a key, after a value
 A_FIRST, A_AFTER = range(2)  # array phases: after "[", after an item
 N_NEG, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(8)  # number phases
 ACCEPTING = frozenset({N_ZERO, N_INT, N_FRAC, N_EXP})
 NUM_LIMIT = {N_INT: MAX_INT_DIGITS, N_FRAC: MAX_FRAC_DIGITS, N_EXP: MAX_EXP_DIGITS}
 
-IS_WS = tuple(b in b" \t\n\r" for b in range(256))
+IS_WS = tuple(b in b" \n" for b in range(256))  # JSON also allows \t and \r; the model need not write them
 IS_HEX = tuple(b in b"0123456789abcdefABCDEF" for b in range(256))
 SIMPLE_ESCAPES = frozenset(b'"\\/bfnrt')
 
@@ -83,6 +89,8 @@ def step(stack: Stack, b: int, out: list) -> None:
         _literal(f, parent, b, out)
     elif k == KEY:
         _key(f, parent, b, out)
+    elif k == BND:
+        _bounded(f, parent, b, out)
     else:
         _array(f, parent, b, out)
 
@@ -108,7 +116,8 @@ def can_end(config: Config) -> bool:
     for stack in config:
         while stack is not None:
             f = stack[0]
-            if f[0] == NUM and f[2] in ACCEPTING or f[0] == LIT and any(len(c) == f[2] for c in f[1]):
+            if (f[0] == NUM and f[2] in ACCEPTING or f[0] == LIT and any(len(c) == f[2] for c in f[1])
+                    or f[0] == BND and _bounded_ends(f)):
                 stack = stack[1]
             else:
                 break
@@ -129,6 +138,12 @@ def _start(node: Node, b: int, parent: Stack, depth: int, out: list) -> None:
     elif kind == K_OBJECT:
         if b == 0x7B and depth < MAX_DEPTH:
             out.append(((OBJ, node, P_OPEN, 0, 0, None, depth + 1), parent))
+    elif kind == K_NUMBER and node.bounds is not None:
+        if b == 0x2D:
+            _push_bounded((BND, node.integer, node.bounds, N_NEG, True, 0, 0, 0), parent, out)
+        elif 0x30 <= b <= 0x39:
+            _push_bounded((BND, node.integer, node.bounds, N_ZERO if b == 0x30 else N_INT, False, b - 0x30, 0, 1),
+                          parent, out)
     elif kind == K_NUMBER:
         if b == 0x2D:
             out.append(((NUM, node.integer, N_NEG, 0), parent))
@@ -253,6 +268,76 @@ def _number(f: tuple, parent: Stack, b: int, out: list) -> None:
         out.append(((NUM, integer, N_E, 0), parent))
     else:  # the number is over; the byte belongs to what holds it
         step(parent, b, out)
+
+
+def _bounded(f: tuple, parent: Stack, b: int, out: list) -> None:
+    _, integer, bounds, phase, neg, value, frac, n = f
+    if 0x30 <= b <= 0x39:
+        d = b - 0x30
+        if phase == N_NEG:
+            _push_bounded((BND, integer, bounds, N_ZERO if d == 0 else N_INT, neg, d, 0, 1), parent, out)
+        elif phase == N_DOT:
+            _push_bounded((BND, integer, bounds, N_FRAC, neg, value * 10 + d, 1, 1), parent, out)
+        elif phase == N_INT and n < MAX_INT_DIGITS or phase == N_FRAC and n < MAX_FRAC_DIGITS:
+            _push_bounded((BND, integer, bounds, phase, neg, value * 10 + d, frac + (phase == N_FRAC), n + 1),
+                          parent, out)
+    elif b == 0x2E and not integer and phase in (N_ZERO, N_INT):
+        _push_bounded((BND, integer, bounds, N_DOT, neg, value, 0, 0), parent, out)
+    elif _bounded_ends(f):  # the number is over; the byte belongs to what holds it
+        step(parent, b, out)
+
+
+def _bounded_ends(f: tuple) -> bool:
+    _, _, bounds, phase, neg, value, frac, _ = f
+    return phase in ACCEPTING and bounds.holds(Fraction(-value if neg else value, 10**frac))
+
+
+def _push_bounded(f: tuple, parent: Stack, out: list) -> None:
+    """Append the frame when some number it may still become lies within its bounds."""
+    _, integer, bounds, phase, neg, value, frac, n = f
+    x = Fraction(value, 10**frac)
+    if phase == N_NEG:  # "-": any magnitude
+        spans = [(Fraction(0), None)]
+    elif phase == N_FRAC or phase == N_DOT:  # x, or more digits: [x, x + 10**-frac)
+        spans = [(x, x + Fraction(1, 10**frac))]
+    elif phase == N_ZERO:  # 0, or 0.ddd
+        spans = [(x, x)] if integer else [(x, x + 1)]
+    else:  # v, v.ddd, or k more digits: [v * 10**k, (v + 1) * 10**k)
+        spans = [(x, x) if integer else (x, x + 1)]
+        spans += [(x * 10**k, (x + 1) * 10**k - (1 if integer else 0)) for k in range(1, MAX_INT_DIGITS - n + 1)]
+    if any(_meets(bounds, lo, hi, neg, integer) for lo, hi in spans):
+        out.append((f, parent))
+
+
+def _meets(bounds, lo: Fraction, hi: Fraction | None, neg: bool, integer: bool) -> bool:
+    """Whether a span of magnitudes (integers: [lo, hi]; numbers: [lo, hi), or {lo} when hi == lo; hi None =
+    unbounded), negated when neg, holds a number inside bounds. Intervals are (low, low_in, high, high_in),
+    None for an infinite end."""
+    span = (lo, True, hi, integer or hi == lo)
+    if neg:
+        span = (None if hi is None else -hi, span[3], -lo, True)
+    b_lo, lo_open, b_hi, hi_open = bounds
+    low, low_in = _tighter((span[0], span[1]), (b_lo, not lo_open), max)
+    high, high_in = _tighter((span[2], span[3]), (b_hi, not hi_open), min)
+    if integer and low is not None:  # the smallest integer the low end lets in
+        first = _ceil(low)
+        low, low_in = (first + 1 if first == low and not low_in else first), True
+    if low is None or high is None:
+        return True
+    return low < high or low == high and low_in and high_in
+
+
+def _tighter(a: tuple, b: tuple, pick) -> tuple:
+    """Of two interval ends (value or None = infinite, inclusive), the tighter: pick is max for low ends."""
+    if a[0] is None or b[0] is None:
+        return b if a[0] is None else a
+    if a[0] == b[0]:
+        return a[0], a[1] and b[1]
+    return a if pick(a[0], b[0]) == a[0] else b
+
+
+def _ceil(x: Fraction) -> int:
+    return -((-x.numerator) // x.denominator)
 
 
 def _literal(f: tuple, parent: Stack, b: int, out: list) -> None:

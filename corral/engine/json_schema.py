@@ -5,8 +5,9 @@ false / a schema), array (items, minItems, maxItems), string (minLength, maxLeng
 integer, boolean, null, enum and const of any JSON value, anyOf / oneOf, allOf with one member,
 $ref to "#", "#/$defs/..." or "#/definitions/...", nullable (OpenAPI). Annotations (title,
 description, default, examples, format, ...) and unknown keywords are ignored, as JSON Schema
-says. Validation keywords that cannot be enforced while decoding (pattern, minimum, uniqueItems,
-... : UNSUPPORTED) raise `SchemaError` up front, naming the keyword.
+says. minimum / maximum / exclusiveMinimum / exclusiveMaximum are enforced while decoding (a bounded
+number is written without an exponent). Validation keywords that cannot be enforced (pattern,
+multipleOf, uniqueItems, ... : UNSUPPORTED) raise `SchemaError` up front, naming the keyword.
 
 Choices made for the model's output (documented in docs/constrained.md):
 - keys come in declared order; optional ones may be skipped; required ones must appear;
@@ -18,6 +19,7 @@ Choices made for the model's output (documented in docs/constrained.md):
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from typing import Any
 from urllib.parse import unquote
 
@@ -31,15 +33,16 @@ MAX_KEY = 128
 K_UNION, K_OBJECT, K_ARRAY, K_STRING, K_NUMBER, K_LITERAL, K_PENDING = range(7)
 
 UNSUPPORTED = frozenset({
-    "pattern", "patternProperties", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+    "pattern", "patternProperties", "multipleOf",
     "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "propertyNames",
     "minProperties", "maxProperties", "uniqueItems", "contains", "minContains", "maxContains", "prefixItems",
     "additionalItems", "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef",
 })
 TYPE_KEYWORDS = frozenset({
     "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "minLength",
-    "maxLength", "enum", "const", "nullable",
+    "maxLength", "enum", "const", "nullable", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
 })
+BOUND_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
@@ -69,7 +72,7 @@ class Node:
     string spec; number integer; literal choices/by_first (JSON-encoded values)."""
 
     __slots__ = ("kind", "alts", "props", "extra", "cands", "required_left", "more_keys", "key_spec", "items",
-                 "min_items", "max_items", "spec", "integer", "choices", "by_first")
+                 "min_items", "max_items", "spec", "integer", "bounds", "choices", "by_first")
 
     def __init__(self, kind: int, **fields: Any):
         self.kind = kind
@@ -220,7 +223,7 @@ class _Compiler:
                 raise SchemaError("maxLength is below minLength", keyword="maxLength", where=where)
             return Node(K_STRING, spec=StrSpec(lo, max(MAX_STRING, lo) if hi is None else hi))
         if name in ("number", "integer"):
-            return Node(K_NUMBER, integer=name == "integer")
+            return Node(K_NUMBER, integer=name == "integer", bounds=_bounds(schema, where))
         return literal([True, False] if name == "boolean" else [None])
 
     def obj(self, schema: dict, where: str) -> Node:
@@ -268,7 +271,58 @@ class _Compiler:
 
 _INFER = (("object", frozenset({"properties", "required", "additionalProperties"})),
           ("array", frozenset({"items", "minItems", "maxItems"})),
-          ("string", frozenset({"minLength", "maxLength"})))
+          ("string", frozenset({"minLength", "maxLength"})),
+          ("number", frozenset(BOUND_KEYWORDS)))
+
+
+class Bounds(tuple):
+    """(lo, lo_open, hi, hi_open): a number's range as exact Fractions; None = unbounded on that side."""
+
+    __slots__ = ()
+
+    def __new__(cls, lo, lo_open: bool, hi, hi_open: bool):
+        return super().__new__(cls, (lo, lo_open, hi, hi_open))
+
+    def holds(self, x: Fraction) -> bool:
+        lo, lo_open, hi, hi_open = self
+        return ((lo is None or (x > lo if lo_open else x >= lo))
+                and (hi is None or (x < hi if hi_open else x <= hi)))
+
+
+def _bounds(schema: dict, where: str) -> Bounds | None:
+    """minimum / maximum / exclusiveMinimum / exclusiveMaximum (a number; or draft 4's boolean beside
+    minimum / maximum) -> Bounds, or None when the schema has none. An empty range is a SchemaError."""
+    given = {k: schema[k] for k in BOUND_KEYWORDS if k in schema}
+    if not given:
+        return None
+    for key, value in given.items():
+        if isinstance(value, bool) and key.startswith("exclusive"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value in (
+                float("inf"), float("-inf")):
+            raise SchemaError("must be a finite number", keyword=key, where=where)
+    lo, lo_open = _side(given, "minimum", "exclusiveMinimum", max)
+    hi, hi_open = _side(given, "maximum", "exclusiveMaximum", min)
+    bounds = Bounds(lo, lo_open, hi, hi_open)
+    if lo is not None and hi is not None and (lo > hi or lo == hi and (lo_open or hi_open)):
+        raise SchemaError("the range allows no number", keyword="maximum" if "maximum" in given
+                          else "exclusiveMaximum", where=where)
+    return bounds
+
+
+def _side(given: dict, inclusive: str, exclusive: str, tighter) -> tuple[Fraction | None, bool]:
+    """One side's bound: the tighter of the inclusive and exclusive keywords (exclusive wins a tie)."""
+    excl = given.get(exclusive)
+    if isinstance(excl, bool):  # draft 4: exclusiveMinimum: true makes minimum exclusive
+        value = given.get(inclusive)
+        return (None, False) if value is None else (Fraction(str(value)), excl)
+    sides = [(Fraction(str(given[inclusive])), False)] if inclusive in given else []
+    if excl is not None:
+        sides.append((Fraction(str(excl)), True))
+    if not sides:
+        return None, False
+    best = tighter(v for v, _ in sides)
+    return best, any(v == best and open_ for v, open_ in sides)
 
 
 def _check_unions(root: Node) -> None:

@@ -64,10 +64,20 @@ class Ticket:
     _done: int = 0  # samples whose last event the reader has taken
 
     def cancel(self) -> None:
-        """Stop every sample (thread-safe); slots are freed at the engine's next step."""
+        """Stop every sample (thread-safe); slots are freed at the engine's next step, and a prefill
+        running now stops at its next layer (Request.abort)."""
         if not self._cancelled:
             self._cancelled = True
+            for req in list(self.requests):
+                req.abort = True
             self._scheduler._post(("cancel", self))
+
+    def cancel_sample(self, index: int) -> None:
+        """Stop one of the n samples (a stream filter cut it); the others go on."""
+        if not self._cancelled:
+            if index < len(self.requests):
+                self.requests[index].abort = True
+            self._scheduler._post(("cancel", self, index))
 
     async def events(self) -> AsyncIterator[TicketEvent]:
         """Events in order until all n samples are done; leaving the loop early cancels the rest."""
@@ -194,7 +204,7 @@ class Scheduler:
             if kind == "submit":
                 self._admit(*message[1:])
             elif kind == "cancel":
-                self._cancel(message[1], "cancelled")
+                self._cancel(message[1], "cancelled", message[2] if len(message) > 2 else None)
             elif kind == "close":
                 for ticket in {t for t, _ in self._owner.values()}:
                     self._cancel(ticket, "cancelled")
@@ -213,11 +223,12 @@ class Scheduler:
         for i, req in enumerate(ticket.requests):
             self._owner[req.id] = (ticket, i)
 
-    def _cancel(self, ticket: Ticket, reason: str) -> None:
-        for req in ticket.requests:
-            if not req.done:
+    def _cancel(self, ticket: Ticket, reason: str, index: int | None = None) -> None:
+        for i, req in enumerate(ticket.requests):
+            # Owned = its reader has not had its last event yet; it may be done already (aborted mid-prefill).
+            if req.id in self._owner and index in (None, i):
                 self.engine.cancel(req)
-                self._end(req, TicketEvent(self._owner[req.id][1], -1, "", finish_reason=reason))
+                self._end(req, TicketEvent(i, -1, "", finish_reason=reason))
 
     def _step(self) -> None:
         started = time.perf_counter()

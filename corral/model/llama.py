@@ -10,6 +10,7 @@ assign weights; parallelism, quantization and LoRA are transforms applied afterw
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -119,6 +120,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Embedding -> blocks -> final norm (``hidden``) -> output projection (``forward``).
+
+    A pipeline stage is a pruned Transformer (corral.train.pipeline): ``tok_embeddings`` is None after the
+    first stage, ``norm`` and ``output`` before the last, and ``layers`` a ModuleDict keyed by each block's
+    index in the whole model, so parameter names stay ``layers.{i}.*``.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -144,22 +152,52 @@ class Transformer(nn.Module):
         start_pos is where the tokens start: one int for the whole batch, or a (B,) tensor when the
         rows of a batch sit at different positions (batched decode); then the caller passes the
         boolean attention mask (B, 1, T, S) that says which cached keys each row may see.
+        A pipeline stage before the last returns its hidden states (B, T, dim) for the next stage.
         """
-        B, T = tokens.shape
-        offsets = torch.arange(T, device=tokens.device)
-        positions = offsets + start_pos if isinstance(start_pos, int) else start_pos[:, None] + offsets  # (T,)|(B, T)
-        cos, sin = rope_angles(rope_frequencies(self.config, tokens.device), positions)  # (..., T, head_dim/2)
-        if mask is None and cache is not None and T > 1 and isinstance(start_pos, int) and start_pos > 0:
-            mask = causal_mask(start_pos, T, tokens.device)
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, start_pos)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
+        h = self.hidden(tokens, start_pos, cache, mask, last_only=last_only)
+        if self.norm is None:
+            return h
         if self.output is None:  # tied: project with the embedding matrix
             return F.linear(h, self.tok_embeddings.weight).float()
         return self.output(h).float()  # a module call, so a quantized output layer runs its own kernel
+
+    def hidden(
+        self,
+        x: torch.Tensor,
+        start_pos: int | torch.Tensor = 0,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        last_only: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> final-norm hidden states (B, T, dim): the output projection's input.
+
+        Arguments as in forward; rope is (cos, sin) precomputed by rope_tables (a compiled trunk takes
+        them as inputs). In a pipeline stage x is the previous stage's hidden states (B, T, dim) when
+        there is no embedding, and the states leave un-normed when there is no final norm.
+        """
+        h = x if self.tok_embeddings is None else self.tok_embeddings(x)  # (B, T, dim)
+        T = h.shape[1]
+        cos, sin = rope if rope is not None else self.rope_tables(T, start_pos, h.device)  # (..., T, head_dim/2)
+        if mask is None and cache is not None and T > 1 and isinstance(start_pos, int) and start_pos > 0:
+            mask = causal_mask(start_pos, T, h.device)
+        for layer in self.blocks():
+            h = layer(h, cos, sin, mask, cache, start_pos)
+        if last_only:
+            h = h[:, -1:]
+        return h if self.norm is None else self.norm(h)
+
+    def rope_tables(self, T: int, start_pos: int | torch.Tensor = 0, device: torch.device | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, head_dim/2) of positions start_pos.., or (B, T, head_dim/2) for a (B,) start_pos."""
+        offsets = torch.arange(T, device=device)
+        positions = offsets + start_pos if isinstance(start_pos, int) else start_pos[:, None] + offsets  # (T,)|(B, T)
+        return rope_angles(rope_frequencies(self.config, device), positions)
+
+    def blocks(self) -> Iterable[Block]:
+        """The blocks in order (a pruned pipeline stage keeps them in a ModuleDict)."""
+        return self.layers.values() if isinstance(self.layers, nn.ModuleDict) else self.layers
 
 
 def causal_mask(start_pos: int, T: int, device: torch.device) -> torch.Tensor:

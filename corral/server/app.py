@@ -3,27 +3,26 @@
     request -> CountRequests (metrics) -> Guard (Host, API key, body size) -> FastAPI routing
             -> openai.router (/v1/...), ollama.router (/api/...), web.router (/, /corral/...)
 
-Routers written by other parts of the project are included when their module exists (the server
-runs without the Ollama dialect or the chat page, never with a half-imported one).
+ROUTERS is the table of them; `build_app(state, routers=...)` serves a subset (tests start servers
+without the chat page or the Ollama dialect).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
+import secrets
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from corral.server import openai
+from corral.server import ollama, openai, responses, web
 from corral.server.errors import install_handlers
 from corral.server.security import Guard
 from corral.server.state import ServerState
 
-OPTIONAL_ROUTERS = ("corral.server.ollama", "corral.server.web")
+ROUTERS = {"openai": openai.router, "responses": responses.router, "ollama": ollama.router, "web": web.router}
 
 
 class CountRequests:
@@ -50,6 +49,28 @@ class CountRequests:
             self.state.metrics.count_request(getattr(route, "path", None) or "unmatched", status)
 
 
+class RequestId:
+    """Every answer carries ``x-request-id`` (the OpenAI SDK shows it as ``_request_id``): the client's own
+    when it sent a short printable one, else a fresh one, so a log line and a client report can be matched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        rid = given if 0 < len(given) <= 128 and given.isascii() and given.decode().isprintable() \
+            else f"req_{secrets.token_hex(12)}".encode()
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 async def preload(state: ServerState) -> None:
     """`corral serve --model NAME|PATH`: load at start; the first one becomes the default model."""
     for i, name in enumerate(state.config.preload):
@@ -60,7 +81,7 @@ async def preload(state: ServerState) -> None:
             state.pool.default_model = model.name
 
 
-def build_app(state: ServerState, optional_routers: tuple[str, ...] = OPTIONAL_ROUTERS) -> FastAPI:
+def build_app(state: ServerState, routers: tuple[str, ...] = tuple(ROUTERS)) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await preload(state)
@@ -75,10 +96,8 @@ def build_app(state: ServerState, optional_routers: tuple[str, ...] = OPTIONAL_R
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.corral = state
     install_handlers(app)
-    app.include_router(openai.router)
-    for name in optional_routers:
-        if importlib.util.find_spec(name) is not None:
-            app.include_router(importlib.import_module(name).router)
+    for name in routers:
+        app.include_router(ROUTERS[name])
 
     @app.get("/health")
     async def health() -> dict:
@@ -90,5 +109,6 @@ def build_app(state: ServerState, optional_routers: tuple[str, ...] = OPTIONAL_R
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(Guard, config=state.config)
-    app.add_middleware(CountRequests, state=state)  # added last = outermost
+    app.add_middleware(CountRequests, state=state)
+    app.add_middleware(RequestId)  # added last = outermost: errors from the Guard carry the id too
     return app

@@ -1,8 +1,10 @@
-"""``corral serve``: the OpenAI- and Ollama-compatible HTTP server (the CLI contract's add_parsers)."""
+"""``corral serve``: the OpenAI- and Ollama-compatible HTTP server (cli.py's COMMANDS names these)."""
 
 from __future__ import annotations
 
 import argparse
+import socket
+from pathlib import Path
 
 DESCRIPTION = """Serve models over HTTP: the OpenAI API under /v1 (chat/completions, completions, embeddings,
 models), the Ollama API under /api, a chat page at /, /health and /metrics (Prometheus).
@@ -19,16 +21,19 @@ EPILOG = """examples:
   curl localhost:11435/v1/chat/completions -d '{"model":"smollm2:135m","messages":[{"role":"user","content":"Hi"}]}'
 
 environment: CORRAL_HOST (host:port, default 127.0.0.1:11435), CORRAL_API_KEY, CORRAL_HOME (the store),
-CORRAL_QUANT (default --quant). See docs/server.md."""
+CORRAL_QUANT (default --quant), CORRAL_ORIGINS (browser origins allowed besides the server's own).
+See docs/server.md."""
 
 
-def add_parsers(sub: argparse._SubParsersAction, parents: list | None = None) -> None:
-    p = sub.add_parser("serve", help="run the OpenAI/Ollama-compatible HTTP server", description=DESCRIPTION,
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=parents or [])
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.description, p.epilog, p.formatter_class = DESCRIPTION, EPILOG, argparse.RawDescriptionHelpFormatter
     p.add_argument("--host", default=None, metavar="HOST[:PORT]",
                    help="address to bind (default: $CORRAL_HOST or 127.0.0.1:11435); binding beyond loopback "
                         "without an API key prints a warning")
-    p.add_argument("--port", type=int, default=None, help="port (overrides the one in --host / CORRAL_HOST)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port (overrides the one in --host / CORRAL_HOST); 0 picks a free one, printed at start")
+    p.add_argument("--port-file", default=None, metavar="PATH",
+                   help="write the bound port here once listening (useful with --port 0)")
     p.add_argument("--model", action="append", default=None, metavar="NAME|PATH",
                    help="load at start (repeatable); the first is the default for requests naming no model. "
                         "A file path is served under its file name")
@@ -50,11 +55,15 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list | None = None) ->
                    help="weight dtype after loading (default: float32)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every route but /health (default: $CORRAL_API_KEY)")
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a browser origin besides the server's own allowed to call it, e.g. http://localhost:3000 "
+                        "or http://localhost:* (repeatable; added to $CORRAL_ORIGINS, comma-separated)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open connections at once; more are answered 503 and closed (default: 1000)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES",
                    help="largest request body accepted; larger gets 413 (default: 8 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
-    p.set_defaults(handler=cmd_serve)
 
 
 def config_from_args(args):
@@ -68,9 +77,12 @@ def config_from_args(args):
     if args.host:
         config.host, config.port = split_host_port(args.host, config.port)
     if args.port is not None:
+        if not 0 <= args.port < 65536:
+            raise ConfigError(f"--port must be 0-65535 (0: any free port), got {args.port}")
         config.port = args.port
     for flag, attr in (("parallel", "parallel"), ("queue", "max_queue"), ("max_loaded", "max_loaded"),
-                       ("context", "context_length"), ("max_body", "max_body_bytes")):
+                       ("context", "context_length"), ("max_body", "max_body_bytes"),
+                       ("max_connections", "max_connections")):
         value = getattr(args, flag)
         if value is not None:
             if value < (0 if flag == "queue" else 1):
@@ -85,19 +97,55 @@ def config_from_args(args):
     config.dtype = args.dtype
     config.api_key = args.api_key or config.api_key
     config.preload = list(args.model or [])
+    config.allow_origins += list(args.allow_origin or [])
     return config
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: the kernel picks a free one). Binding here, not in uvicorn,
+    lets the server say which port it got: a test or script starts it on port 0 and reads the port back,
+    instead of guessing a free port another process may take first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        from corral.errors import CorralError
+
+        sock.close()
+        raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)  # connections queue from now on, even while models preload
+    sock.set_inheritable(True)
+    return sock
+
+
+def announce(sock: socket.socket, port_file: str | None) -> int:
+    """Print the URL actually bound (stdout, one line) and write the port to port_file atomically."""
+    from corral.checkpoint.atomic import write_atomic
+
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if port_file:
+        write_atomic(Path(port_file), lambda tmp: tmp.write_text(f"{port}\n"))
+    print(f"corral serve: listening on http://{shown}:{port}", flush=True)
+    return port
 
 
 def cmd_serve(args) -> int:
     import uvicorn
 
     from corral.server.app import build_app
+    from corral.server.connections import uvicorn_config
     from corral.server.security import warn_if_exposed
     from corral.server.state import ServerState
 
     config = config_from_args(args)
+    host = config.host.strip("[]")
+    sock = listen(host, config.port)
+    config.port = announce(sock, args.port_file)
     warn_if_exposed(config)
     app = build_app(ServerState.create(config))
-    host = config.host.strip("[]")
-    uvicorn.run(app, host=host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn_config(app, config, host=host, port=config.port, log_level=args.log_level))
+    server.run(sockets=[sock])  # the socket bound (and announced) above
     return 0

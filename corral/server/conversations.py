@@ -15,6 +15,7 @@ WAL mode so a reader in another process (a backup, `sqlite3` on the command line
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -33,6 +34,8 @@ MAX_TITLE = 200
 MAX_CONTENT = 1 << 20  # 1 MiB of text per message
 MAX_SYSTEM = 64 << 10
 MAX_IMPORT_MESSAGES = 100_000
+MAX_STATS_DEPTH = 8
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # name -> (type, low, high); None bounds are open. Validated on every write and on import.
 PARAM_LIMITS: dict[str, tuple[type, float | None, float | None]] = {
     "temperature": (float, 0.0, 2.0),
@@ -103,7 +106,12 @@ class ConversationStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:  # a full disk fails the commit: leave the file as it was before
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     # -- conversations ----------------------------------------------------------------------------
     def list(self, query: str | None = None, limit: int = 500) -> list[dict]:
@@ -268,6 +276,8 @@ def _text(value: Any, name: str, limit: int) -> str:
         raise ConversationError(f"{name} is {len(value)} characters; the limit is {limit}")
     if "\x00" in value:
         raise ConversationError(f"{name} contains a NUL character")
+    if _SURROGATE.search(value):  # JSON's "\ud800" decodes, but SQLite cannot store it as UTF-8
+        raise ConversationError(f"{name} holds a lone UTF-16 surrogate, which is not text")
     return value
 
 
@@ -297,9 +307,27 @@ def _content(value: Any) -> str:
 def _stats(value: Any) -> dict:
     if not isinstance(value, dict):
         raise ConversationError("stats must be a JSON object")
-    if len(json.dumps(value)) > 4096:
-        raise ConversationError("stats is larger than 4096 bytes")
+    if _depth(value) > MAX_STATS_DEPTH:  # a deep one stores fine and then breaks every read of the chat
+        raise ConversationError(f"stats is nested deeper than {MAX_STATS_DEPTH} levels")
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ConversationError(f"stats cannot be stored: {e}") from None
+    if len(text) > 4096 or _SURROGATE.search(text):
+        raise ConversationError("stats must be at most 4096 bytes of text")
     return value
+
+
+def _depth(value: Any) -> int:
+    """Levels of objects and arrays, counted without recursion (the value may be hostile)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_STATS_DEPTH:
+                stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _params(value: Any) -> dict:
@@ -328,6 +356,8 @@ def _parse_export(data: bytes | str | dict) -> list[tuple[dict, list[dict]]]:
             data = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversationError(f"import is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ConversationError("import is nested too deeply to be a chat export") from None
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise ConversationError(f'import must be a JSON object with "format": "{EXPORT_FORMAT}"')
     version = data.get("version")

@@ -3,18 +3,26 @@
 Embedding models: a name containing "minilm" uses the small sentence encoder (all-MiniLM-L6-v2,
 384 floats, loaded once and kept); any other name is a generative model from the pool, whose
 mean-pooled final hidden states are the vector (corral.embed.embed_with_llm). Inputs over the
-model's limit are a 400 naming the input, never cut silently.
+model's limit are a 400 naming the input, never cut silently; a request holds at most MAX_EMBED_INPUTS.
+
+Embedding runs in a worker thread. A client that leaves is noticed (polling, as a non-streamed generation
+does) and the forward stops at its next layer (corral.embed.llm_embed.StopCheck), so an 8k-token input
+does not run on for minutes after its client has gone (RELIABILITY 42). Time per input grows with the
+square of its length: every token attends to all before it (see docs/embeddings.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 
-from corral.server.errors import BadRequest
+from corral.server.errors import BadRequest, HTTPError
+from corral.server.generation import DISCONNECT_POLL_S
 from corral.server.pool import ModelNotFound
 from corral.server.schemas import EmbeddingRequest, parse_embedding, parse_json
 from corral.server.state import ServerState, get_state
@@ -75,19 +83,36 @@ def _encode_minilm(encoder, req: EmbeddingRequest):
     return encoder.embed_batch(rows), sum(len(r) for r in rows)
 
 
-def _encode_llm(llm, req: EmbeddingRequest):
-    import torch
-
-    from corral.embed import embed_with_llm
-    from corral.embed.llm_embed import pooled_batch
+def _encode_llm(llm, req: EmbeddingRequest, stop: Callable[[], bool]):
+    from corral.embed.llm_embed import embed_rows, token_rows
 
     if isinstance(req.inputs[0], str):
-        counts = [len(llm.tokenizer.encode(t, bos=llm.add_bos)) for t in req.inputs]
-        return embed_with_llm(llm, req.inputs, truncate=False), sum(counts)
-    rows = req.inputs
-    _check_ids(rows, llm.config.vocab_size, llm.engine.max_seq_len)
-    with torch.inference_mode():
-        return torch.cat([pooled_batch(llm.model, [r]) for r in rows]), sum(len(r) for r in rows)
+        rows, batch = token_rows(llm, req.inputs, truncate=False), 8  # tokenized once, in this worker thread
+    else:  # token ids: one row at a time, unpadded, as a client that sends ids may compare them exactly
+        rows, batch = req.inputs, 1
+        _check_ids(rows, llm.config.vocab_size, llm.engine.max_seq_len)
+    return embed_rows(llm.model, rows, batch_size=batch, stop=stop), sum(len(r) for r in rows)
+
+
+async def until_disconnect(request: Request, work: Callable[[Callable[[], bool]], object]):
+    """Run work(stop) in a worker thread; stop() turns True once the client has gone, and then the work's
+    EmbedCancelled ends the request (the answer goes nowhere: 499, as nginx logs a closed request)."""
+    from corral.embed.llm_embed import EmbedCancelled
+
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await asyncio.to_thread(work, gone.is_set)
+    except EmbedCancelled:
+        raise HTTPError("the client closed the request", status=499) from None
+    finally:
+        watcher.cancel()
 
 
 def _check_ids(rows: list[list[int]], vocab: int, limit: int) -> None:
@@ -123,7 +148,7 @@ async def embeddings(request: Request) -> dict:
     else:
         model = await state.pool.get(req.model)
         try:
-            vectors, tokens = await asyncio.to_thread(_encode_llm, model.llm, req)
+            vectors, tokens = await until_disconnect(request, lambda stop: _encode_llm(model.llm, req, stop))
         finally:
             state.pool.release(model)
         name = req.model or model.name

@@ -8,13 +8,16 @@ decides every status code:
 
     ModelNotFoundError -> 404   QueueFullError -> 503   RequestError, ContextLengthError,
     SamplingError, ChatFormatError, ConfigError, InvalidNameError, other CorralError -> 400
-    HTTPError -> its own status  anything else -> 500 (message kept generic, traceback logged)
+    HTTPError -> its own status  a full disk (ENOSPC, EDQUOT, SQLITE_FULL, or caused by one) -> 507
+    anything else -> 500 (message kept generic, traceback logged)
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,7 +31,8 @@ log = logging.getLogger("corral.server")
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+                408: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+                500: "server_error", 503: "server_error", 507: "server_error"}
 
 
 class HTTPError(CorralError):
@@ -63,10 +67,30 @@ class ModelLoadError(HTTPError):
     status = 500
 
 
+SQLITE_FULL = 13
+NO_SPACE = "no space left on the server's disk; free some space and try again"
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT from a write, or SQLite's "database or disk is full", here or in what caused it."""
+    for _ in range(8):  # the chain of causes, bounded
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and (
+                getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def status_of(exc: BaseException) -> int:
     """The HTTP status for an exception (the table in the module docstring)."""
     from corral.engine.scheduler import QueueFullError
 
+    if disk_full(exc):
+        return 507
     if isinstance(exc, HTTPError):
         return exc.status
     if isinstance(exc, ModelNotFoundError):
@@ -85,11 +109,14 @@ def _code_of(exc: BaseException, status: int) -> str | None:
         return exc.code
     if isinstance(exc, ContextLengthError):
         return "context_length_exceeded"
-    return {404: "model_not_found", 503: "server_overloaded", 413: "request_too_large"}.get(status)
+    return {404: "model_not_found", 503: "server_overloaded", 413: "request_too_large",
+            507: "insufficient_storage"}.get(status)
 
 
 def message_of(exc: BaseException, status: int) -> str:
     # A 500's text could leak paths or internals; the full traceback goes to the log instead.
+    if status == 507:
+        return NO_SPACE
     return str(exc) if status < 500 or isinstance(exc, CorralError) else f"internal error ({type(exc).__name__})"
 
 
@@ -113,7 +140,9 @@ def error_body(exc: BaseException, dialect: str) -> tuple[int, dict[str, Any]]:
 
 def error_response(path: str, exc: BaseException) -> JSONResponse:
     status, body = error_body(exc, dialect_of(path))
-    if status >= 500 and not isinstance(exc, CorralError):
+    if status == 507:
+        log.warning("no space left on device answering %s: %s", path, exc)
+    elif status >= 500 and not isinstance(exc, CorralError):
         log.error("error answering %s", path, exc_info=exc)
     headers = {"Retry-After": "1"} if status == 503 else None
     return JSONResponse(body, status_code=status, headers=headers)

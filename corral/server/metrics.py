@@ -73,6 +73,11 @@ class Metrics:
         if decode_s and generated > 1:
             self.tokens_per_second[model] = (generated - 1) / decode_s
 
+    def forget(self, model: str) -> None:
+        """Drop a deleted model's series (a scrape lists only models that exist)."""
+        for table in (self.prompt_tokens, self.generated_tokens, self.ttft, self.tokens_per_second):
+            table.pop(model, None)
+
     def render(self, pool) -> str:
         """The exposition text; scheduler gauges are read from the pool at scrape time."""
         out: list[str] = []

@@ -10,23 +10,32 @@ options -> scheduler.submit -> NDJSON lines (``application/x-ndjson``, the defau
      "prompt_eval_duration", "eval_count", "eval_duration"}                  (durations in nanoseconds)
 
 Errors before the first line are a status + ``{"error": "..."}``; an engine failure mid-stream is a
-final ``{"error": "..."}`` line (RELIABILITY 24). A client that goes away cancels its request, which
-frees its cache slot at the engine's next step (RELIABILITY 23).
+final ``{"error": "..."}`` line (RELIABILITY 24). The lifecycle (hold, filters, submit, cancel when
+the client goes away, release) is corral.server.generation's; this module renders its Deltas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from corral.server.errors import BadRequest, HTTPError
+from corral.server import generation
+from corral.server.errors import BadRequest
+from corral.server.generation import (
+    Generation,
+    GenerationStream,
+    Prompt,
+    chat_messages,
+    check_prompt_size,
+    released_on_error,
+    text_chars,
+)
 from corral.server.ollama_options import constraint_factory, parse_options
 from corral.server.ollama_wire import NDJSON, flag, line, no_images, now_iso, ns, read_body, text_field
 from corral.server.state import LoadedModel, ModelNotFound, ServerState, get_state, parse_keep_alive
@@ -52,42 +61,21 @@ def refuse_unsupported(body: dict) -> None:
         raise BadRequest(problems)
 
 
-# -- one generation ----------------------------------------------------------------------------------
-class GenerationFailed(Exception):
-    """The engine failed mid-request; the message goes out as the final {"error"} line."""
-
-
+# -- rendering one generation -------------------------------------------------------------------------
 @dataclass
-class Job:
-    state: ServerState
-    model: LoadedModel
+class Answer:
+    """A generation as Ollama reports it: the name the client gave (echoed back) and the request's clock."""
+
+    gen: Generation
     name: str
-    """The model name as the client gave it (Ollama echoes it back)."""
-    ticket: Any
-    prompt: list[int]
     started: float
     load_s: float
-    _finished: bool = False
-
-    def output(self) -> list[int]:
-        return list(self.ticket.requests[0].output) if self.ticket.requests else []
 
     def stats(self) -> dict[str, Any]:
-        timings = self.ticket.requests[0].timings if self.ticket.requests else {}
+        timings = self.gen.timings()
         return {"total_duration": ns(time.perf_counter() - self.started), "load_duration": ns(self.load_s),
-                "prompt_eval_count": len(self.prompt), "prompt_eval_duration": ns(timings.get("prefill_s")),
-                "eval_count": len(self.output()), "eval_duration": ns(timings.get("decode_s"))}
-
-    def finish(self) -> None:
-        """Cancel whatever still runs (a client that left), release the model, count the tokens."""
-        if self._finished:
-            return
-        self._finished = True
-        self.ticket.cancel()
-        timings = self.ticket.requests[0].timings if self.ticket.requests else {}
-        self.state.metrics.record_generation(self.model.name, len(self.prompt), len(self.output()),
-                                             self.ticket.first_token_s, timings.get("decode_s"))
-        self.state.pool.release(self.model)
+                "prompt_eval_count": self.gen.prompt_tokens, "prompt_eval_duration": ns(timings.get("prefill_s")),
+                "eval_count": self.gen.samples[0].tokens, "eval_duration": ns(timings.get("decode_s"))}
 
     def head(self) -> dict[str, Any]:
         return {"model": self.name, "created_at": now_iso()}
@@ -96,15 +84,16 @@ class Job:
 class GenerateReply:
     """Lines of /api/generate."""
 
-    def __init__(self, job: Job):
-        self.job = job
+    def __init__(self, answer: Answer):
+        self.answer = answer
 
     def feed(self, text: str) -> list[dict]:
-        return [{**self.job.head(), "response": text, "done": False}]
+        return [{**self.answer.head(), "response": text, "done": False}] if text else []
 
     def end(self, reason: str) -> list[dict]:
-        return [{**self.job.head(), "response": "", "done": True, "done_reason": reason,
-                 "context": self.job.prompt + self.job.output(), **self.job.stats()}]
+        gen = self.answer.gen
+        return [{**self.answer.head(), "response": "", "done": True, "done_reason": reason,
+                 "context": gen.prompt.ids + gen.output_ids(), **self.answer.stats()}]
 
     @staticmethod
     def merge(lines: list[dict]) -> dict:
@@ -114,13 +103,13 @@ class GenerateReply:
 class ChatReply:
     """Lines of /api/chat; with tools, text that may be a call is held back until the reply ends."""
 
-    def __init__(self, job: Job, tools: bool):
-        self.job = job
+    def __init__(self, answer: Answer, tools: bool):
+        self.answer = answer
         self.filter = CallFilter() if tools else None
         self.text: list[str] = []
 
     def _line(self, message: dict) -> dict:
-        return {**self.job.head(), "message": {"role": "assistant", **message}, "done": False}
+        return {**self.answer.head(), "message": {"role": "assistant", **message}, "done": False}
 
     def feed(self, text: str) -> list[dict]:
         self.text.append(text)
@@ -130,7 +119,7 @@ class ChatReply:
     def end(self, reason: str) -> list[dict]:
         lines = []
         if self.filter is not None:
-            parsed = self.job.model.llm.chat_format.parse_reply("".join(self.text))
+            parsed = self.answer.gen.model.llm.chat_format.parse_reply("".join(self.text))
             held = self.filter.finish()
             if parsed.tool_calls:
                 calls = [{"function": {"name": c.name, "arguments": c.arguments}} for c in parsed.tool_calls]
@@ -138,7 +127,7 @@ class ChatReply:
             elif held:
                 lines.append(self._line({"content": held}))
         final = self._line({"content": ""})
-        final.update(done=True, done_reason=reason, **self.job.stats())
+        final.update(done=True, done_reason=reason, **self.answer.stats())
         return [*lines, final]
 
     @staticmethod
@@ -150,64 +139,42 @@ class ChatReply:
         return {**lines[-1], "message": message}
 
 
-async def _lines(job: Job, reply: GenerateReply | ChatReply) -> AsyncIterator[dict]:
-    reason = "stop"
-    async for ev in job.ticket.events():
-        if ev.finish_reason == "error":
-            raise GenerationFailed(f"generation failed: {ev.error or 'engine error'}")
-        if ev.text:
-            for out in reply.feed(ev.text):
-                yield out
-        if ev.finish_reason is not None:
-            reason = ev.finish_reason
-    for out in reply.end(reason):
-        yield out
-
-
-async def _ndjson(job: Job, reply: GenerateReply | ChatReply) -> AsyncIterator[bytes]:
-    try:
-        async for out in _lines(job, reply):
+async def ndjson(gen: Generation, reply: GenerateReply | ChatReply) -> AsyncIterator[bytes]:
+    """The streamed answer; an engine failure mid-stream is a final {"error"} line (RELIABILITY 24)."""
+    async for d in gen.deltas():
+        if d.finish == "error":
+            yield line({"error": str(gen.error())})
+            return
+        for out in reply.feed(d.text):
             yield line(out)
-    except GenerationFailed as exc:
-        yield line({"error": str(exc)})
-    finally:
-        job.finish()  # also runs when the client disconnects: the stream is cancelled, the ticket with it
+        if d.finish is not None:
+            for out in reply.end(d.finish):
+                yield line(out)
 
 
-async def _watch_disconnect(request: Request, job: Job) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.25)
-    job.ticket.cancel()
-
-
-async def respond(request: Request, job: Job, reply: GenerateReply | ChatReply, stream: bool) -> Response:
+async def respond(request: Request, gen: Generation, reply: GenerateReply | ChatReply, stream: bool) -> Response:
     if stream:
-        lines = _ndjson(job, reply)
-        # A client gone before the first line may leave the generator unstarted, so its finally never
-        # runs; finishing when it is collected still cancels the ticket and releases the model.
-        weakref.finalize(lines, job.finish)
-        return StreamingResponse(lines, media_type=NDJSON)
-    watcher = asyncio.create_task(_watch_disconnect(request, job))
-    try:
-        lines = [out async for out in _lines(job, reply)]
-    except GenerationFailed as exc:
-        raise HTTPError(str(exc), status=500) from None
-    finally:
-        watcher.cancel()
-        job.finish()
-    return JSONResponse(reply.merge(lines))
+        return GenerationStream([gen], ndjson(gen, reply), NDJSON)
+    await gen.wait(request)  # an engine failure raises its 500 here
+    sample = gen.samples[0]
+    return JSONResponse(reply.merge([*reply.feed(sample.text), *reply.end(sample.finish or "stop")]))
 
 
-async def start(request: Request, body: dict, model: LoadedModel, name: str, ids: list[int], started: float,
-                load_s: float) -> Job:
-    """Options and format -> a submitted ticket (400s here, before any line is sent)."""
+async def start(request: Request, body: dict, model: LoadedModel, name: str, chars: int,
+                make_prompt: Callable[[], Prompt], started: float, load_s: float) -> Answer:
+    """The prompt (its size checked, then tokenized off the event loop), options and format -> a started
+    generation (400s here, before any line is sent). From the call on, the model is the generation's."""
     state = get_state(request)
     llm = model.llm
-    plan = parse_options(body.get("options"), model.options).plan(len(ids), model.context_length)
-    # The first constraint of a tokenizer indexes its vocabulary (seconds): off the event loop.
-    factory = await asyncio.to_thread(constraint_factory, body.get("format"), llm.tokenizer, llm.config.vocab_size)
-    ticket = model.scheduler.submit(ids, plan.params, stop=plan.stop, constraint_factory=factory)
-    return Job(state, model, name, ticket, ids, started, load_s)
+    with released_on_error(state, model):
+        await check_prompt_size(model, chars, "messages" if "messages" in body else "prompt")
+        prompt = await asyncio.to_thread(make_prompt)
+        plan = parse_options(body.get("options"), model.options).plan(len(prompt.ids), model.context_length)
+        # The first constraint of a tokenizer indexes its vocabulary (seconds): off the event loop.
+        factory = await asyncio.to_thread(constraint_factory, body.get("format"), llm.tokenizer,
+                                          llm.config.vocab_size)
+        gen = generation.start(state, model, prompt, plan.params, stop=plan.stop, constraint=factory)
+    return Answer(gen, name, started, load_s)
 
 
 async def load_or_unload(state: ServerState, name: str | None, keep_alive: float | None, chat: bool) -> JSONResponse:
@@ -253,12 +220,9 @@ def fim_prompt(model: LoadedModel, prompt: str, suffix: str) -> list[int]:
 
 def _template_format(model: LoadedModel, template: str):
     """A request's TEMPLATE: Jinja, like a Modelfile's (Go templates are not supported)."""
-    from corral.tokenizer.template import JinjaChatFormat
+    from corral.tokenizer.template import template_chat_format
 
-    tok = model.llm.tokenizer
-    names = {i: t for t, i in tok.special_tokens.items()}
-    return JinjaChatFormat(template, tok, bos_token=names.get(tok.bos_id, ""), eos_token=names.get(tok.eos_id, ""),
-                           stop_ids=model.llm.stop_ids)
+    return template_chat_format(template, model.llm.tokenizer, stop_ids=model.llm.stop_ids)
 
 
 def _context(body: dict, vocab: int) -> list[int]:
@@ -269,7 +233,7 @@ def _context(body: dict, vocab: int) -> list[int]:
     return context
 
 
-def generate_prompt(model: LoadedModel, body: dict) -> list[int]:
+def generate_prompt(model: LoadedModel, body: dict) -> Prompt:
     llm = model.llm
     tok = llm.tokenizer
     prompt, suffix = text_field(body, "prompt"), text_field(body, "suffix")
@@ -291,7 +255,7 @@ def generate_prompt(model: LoadedModel, body: dict) -> list[int]:
             ids = fmt.encode_dialog(messages, add_generation_prompt=True)
     if context and ids and ids[0] == tok.bos_id:
         ids = ids[1:]  # the context already starts the sequence
-    return context + ids
+    return Prompt(context + ids, text=prompt)
 
 
 @router.post("/generate")
@@ -302,13 +266,10 @@ async def generate(request: Request) -> Response:
     if not text_field(body, "prompt") and not text_field(body, "suffix"):
         return await load_or_unload(get_state(request), body.get("model"), parse_keep_alive(body.get("keep_alive")),
                                     chat=False)
+    chars = text_chars([text_field(body, k) for k in ("prompt", "suffix", "system", "template")])
     model, name, started, load_s = await hold_model(request, body)
-    try:
-        job = await start(request, body, model, name, generate_prompt(model, body), started, load_s)
-    except BaseException:
-        get_state(request).pool.release(model)
-        raise
-    return await respond(request, job, GenerateReply(job), stream)
+    answer = await start(request, body, model, name, chars, lambda: generate_prompt(model, body), started, load_s)
+    return await respond(request, answer.gen, GenerateReply(answer), stream)
 
 
 # -- /api/chat -------------------------------------------------------------------------------------
@@ -323,16 +284,14 @@ def _message(m: Any, i: int) -> dict:
     return out
 
 
-def chat_prompt(model: LoadedModel, messages: list, tools: list | None) -> list[int]:
+def chat_prompt(model: LoadedModel, messages: list, tools: list | None) -> Prompt:
     fmt = model.llm.chat_format
     if fmt is None:
         raise BadRequest([("model", f"{model.name} has no chat template; use /api/generate")])
-    msgs = [_message(m, i) for i, m in enumerate(messages)]
-    if model.system and not any(m.get("role") == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": model.system})
+    msgs = chat_messages(model, [_message(m, i) for i, m in enumerate(messages)])
     if tools:
         msgs, tools = with_tool_prompt(fmt, msgs, tools)
-    return fmt.encode_dialog(msgs, add_generation_prompt=True, tools=tools or None)
+    return Prompt(fmt.encode_dialog(msgs, add_generation_prompt=True, tools=tools or None), msgs)
 
 
 @router.post("/chat")
@@ -349,12 +308,9 @@ async def chat(request: Request) -> Response:
         return await load_or_unload(get_state(request), body.get("model"), parse_keep_alive(body.get("keep_alive")),
                                     chat=True)
     model, name, started, load_s = await hold_model(request, body)
-    try:
-        job = await start(request, body, model, name, chat_prompt(model, messages, tools), started, load_s)
-    except BaseException:
-        get_state(request).pool.release(model)
-        raise
-    return await respond(request, job, ChatReply(job, tools=bool(tools)), stream)
+    answer = await start(request, body, model, name, text_chars(messages), lambda: chat_prompt(model, messages, tools),
+                         started, load_s)
+    return await respond(request, answer.gen, ChatReply(answer, tools=bool(tools)), stream)
 
 
 @router.get("/version")

@@ -26,9 +26,10 @@ from corral.store import Modelfile, create_model, parse_modelfile
 from corral.store.manifest import FILE_TITLE
 from corral.store.modelfile import ROLES, parse_parameter
 from corral.store.names import InvalidNameError, check_digest, parse_name
+from corral.store.scratch import scratch_dir
 
 RUNTIME_QUANTS = ("int8", "int4")
-GGUF_QUANTS = ("q8_0", "q4_0")
+GGUF_QUANTS = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")  # Ollama spells them q4_K_M; compared lowercased
 
 
 def _stored(store, source: str, field: str) -> str:
@@ -71,17 +72,13 @@ def _weights(store, files: dict[str, Path]) -> Iterator[str]:
             if f.read(4) == GGUF_MAGIC:
                 yield str(path)
                 return
-    store.models.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=store.models, prefix=".create-"))
-    try:
+    with scratch_dir(store.models, "create") as scratch:  # a killed server leaves it to the next GC
         for name, blob in files.items():
             try:
                 os.link(blob, scratch / name)
             except OSError:
                 shutil.copyfile(blob, scratch / name)
         yield str(scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _parameters(value: Any) -> dict[str, Any]:
@@ -150,7 +147,8 @@ def modelfile_of(store, body: dict) -> tuple[Modelfile, dict[str, Path]]:
 
 
 def _quantize(store, mf: Modelfile, qtype: str, scratch: Path) -> Modelfile:
-    """GGUF Q8_0/Q4_0: new weights written to scratch; the stored base's template and the rest carry over."""
+    """GGUF mixes (Q4_K_M ... Q4_0): new weights written to scratch; the stored base's template and the rest carry
+    over."""
     from corral.store.convert import quantize_gguf
 
     source = Path(mf.from_)
@@ -181,9 +179,7 @@ def create_from_request(store, name: str, body: dict, report: Report) -> None:
             mf.from_ = stack.enter_context(_weights(store, files))
         if quantize in GGUF_QUANTS:
             report({"status": f"quantizing to {quantize.upper()}"})
-            store.models.mkdir(parents=True, exist_ok=True)
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(dir=store.models, prefix=".quantize-"))
-            mf = _quantize(store, mf, quantize, Path(scratch))
+            mf = _quantize(store, mf, quantize, stack.enter_context(scratch_dir(store.models, "quantize")))
         nowhere = stack.enter_context(tempfile.TemporaryDirectory())  # relative paths resolve to nothing
         runtime = quantize if quantize in RUNTIME_QUANTS else None
         manifest = create_model(store, name, mf, Path(nowhere), quant=runtime)

@@ -26,10 +26,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from corral.errors import ModelNotFoundError
+from corral.server.embeddings import until_disconnect
 from corral.server.errors import BadRequest
 from corral.server.ollama_registry import ingest_request_body
 from corral.server.ollama_wire import flag, iso, name_field, ns, progress_response, read_body
-from corral.server.state import get_state, parse_keep_alive
+from corral.server.schemas import MAX_EMBED_INPUTS
+from corral.server.state import DEFAULT_MODEL, get_state, parse_keep_alive
 
 router = APIRouter()
 LONG_LIST = 16  # model_info lists longer than this (the vocabulary, merges) are null unless verbose, as in Ollama
@@ -43,8 +45,41 @@ def details_of(config: dict) -> dict:
 
 
 # -- tags, show, ps -------------------------------------------------------------------------------
+def _register_embedded(store) -> None:
+    """The embedded SmolLM2 registers on first use; Ollama clients list and show models before using one, so
+    tags and show register it too (as /v1/models lists it on a fresh store)."""
+    from corral.store.load import ensure_default
+
+    try:
+        ensure_default(store)
+    except ModelNotFoundError:
+        pass  # its package is not installed: there is nothing to show
+
+
+def _embedded_tag(store) -> dict | None:
+    """The embedded SmolLM2 as /api/tags lists it before it is stored (as /v1/models does), read from its file:
+    listing writes nothing. Its digest stands for the file (name, size, time); registering gives the real one."""
+    import hashlib
+
+    from corral.llm import default_model_path
+    from corral.store.create import describe
+    from corral.store.names import parse_name
+
+    if store.manifest_path(parse_name(DEFAULT_MODEL)).is_file():
+        return None
+    try:
+        path = default_model_path()
+    except ModelNotFoundError:
+        return None
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return {"name": DEFAULT_MODEL, "model": DEFAULT_MODEL, "modified_at": iso(stat.st_mtime), "size": stat.st_size,
+            "digest": digest, "details": details_of(describe(path, "gguf"))}
+
+
 def _tags(store) -> dict:
-    models = []
+    embedded = _embedded_tag(store)
+    models = [embedded] if embedded else []
     for entry in store.entries():
         try:
             config = store.info(entry.name).config
@@ -83,6 +118,8 @@ def _show(store, name: str, verbose: bool) -> dict:
     from corral.store import Modelfile, render_modelfile
     from corral.store import manifest as mt
 
+    if name.strip().lower() in (DEFAULT_MODEL, f"library/{DEFAULT_MODEL}"):
+        _register_embedded(store)
     info = store.info(name)
     c = info.config
     gguf = info.manifest.layers_of(mt.MODEL)
@@ -141,6 +178,7 @@ async def delete(request: Request) -> Response:
     name = name_field(body, "model", "name")
     state = get_state(request)
     await asyncio.to_thread(state.store.remove, name)
+    state.metrics.forget(state.pool.resolve(name))
     # A loaded copy drains (running requests finish) and later requests get 404, as the store now says.
     await state.pool.unload(name)
     return Response(status_code=200)
@@ -182,6 +220,8 @@ def _inputs(body: dict, key: str) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_EMBED_INPUTS:
+            raise BadRequest([(key, f"{key} holds {len(value)} items; at most {MAX_EMBED_INPUTS} per request")])
         return list(value)
     raise BadRequest([(key, f"{key} must be a string or a list of strings")])
 
@@ -200,7 +240,7 @@ async def _embed(request: Request, body: dict, texts: list[str], truncate: bool)
         vectors = await asyncio.to_thread(encoder.encode, texts, truncate=truncate)
         tokens = sum(min(n, encoder.max_tokens) for n in encoder.count_tokens(texts))
         return vectors.tolist(), tokens, load_s
-    from corral.embed import embed_with_llm
+    from corral.embed.llm_embed import embed_rows, token_rows
 
     state = get_state(request)
     started = time.perf_counter()
@@ -210,8 +250,12 @@ async def _embed(request: Request, body: dict, texts: list[str], truncate: bool)
         if not texts:
             return [], 0, load_s
         llm = model.llm
-        vectors = await asyncio.to_thread(embed_with_llm, llm, texts, truncate=truncate)
-        tokens = sum(min(len(llm.tokenizer.encode(t, bos=llm.add_bos)), llm.engine.max_seq_len) for t in texts)
+
+        def work(stop):
+            rows = token_rows(llm, texts, truncate=truncate)  # tokenized once, off the event loop
+            return embed_rows(llm.model, rows, stop=stop), sum(len(r) for r in rows)
+
+        vectors, tokens = await until_disconnect(request, work)
         return vectors.tolist(), tokens, load_s
     finally:
         state.pool.release(model)

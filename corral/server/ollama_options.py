@@ -24,6 +24,7 @@ from typing import Any
 
 from corral.engine.sampling import SamplingError, SamplingParams
 from corral.server.errors import BadRequest
+from corral.store.modelfile import PARAMETER_RULES
 
 # Ollama's own defaults where a client leaves an option out (api/types.go DefaultOptions).
 DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
@@ -35,12 +36,6 @@ IGNORED = frozenset({"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f1
 """Runtime options: they change speed or memory in llama.cpp, never which tokens come out here."""
 OFF_VALUES = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0}
 """Sampling options Corral does not implement: only the value that switches them off is accepted."""
-MAX_SEED = 2**63 - 1
-FLOAT_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "temperature": (lambda x: x >= 0, ">= 0"), "top_p": (lambda x: 0 < x <= 1, "in (0, 1]"),
-    "min_p": (lambda x: 0 <= x <= 1, "in [0, 1]"), "repeat_penalty": (lambda x: x > 0, "> 0"),
-    "presence_penalty": (lambda x: -2 <= x <= 2, "in [-2, 2]"),
-    "frequency_penalty": (lambda x: -2 <= x <= 2, "in [-2, 2]")}
 
 
 @dataclass
@@ -83,19 +78,13 @@ def _check(name: str, value: Any) -> tuple[Any, str | None]:
         value = [value] if isinstance(value, str) else value
         ok = isinstance(value, list) and all(isinstance(s, str) for s in value)
         return value, None if ok else "stop must be a string or a list of strings"
+    ok, rule = PARAMETER_RULES[name]
     if name in FLOATS:
-        ok, rule = FLOAT_RANGES[name]
         return value, None if _number(value) and ok(value) else f"{name} must be a finite number {rule}, got {value!r}"
     number = _integer(value)
     if number is None:
         return value, f"{name} must be an integer, got {value!r}"
-    rules = {"num_predict": (number >= 1 or number in (-1, -2), "a positive integer, -1 or -2"),
-             "num_ctx": (number >= 1, "a positive integer"),
-             "repeat_last_n": (number >= -1, "an integer >= -1"),
-             "top_k": (number >= 0, "an integer >= 0"),
-             "seed": (abs(number) <= MAX_SEED, "a 64-bit integer")}
-    ok, rule = rules.get(name, (True, ""))
-    return number, None if ok else f"{name} must be {rule}, got {value!r}"
+    return number, None if ok(number) else f"{name} must be {rule}, got {value!r}"
 
 
 def parse_options(raw: Any, stored: Mapping[str, Any] | None = None) -> Options:

@@ -18,16 +18,72 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from corral.server.errors import BadRequest, error_body
-from corral.server.schemas import parse_json
+from corral.server.schemas import is_function_tool, parse_json
 
 NDJSON = "application/x-ndjson"
 Report = Callable[[dict], None]
 """Called (from a worker thread) with each status line."""
 
 
+STRING, BOOL, OBJECT, LIST = (str,), (bool,), (dict,), (list,)
+FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    **{k: (STRING, "a string") for k in ("model", "name", "prompt", "suffix", "system", "template", "source",
+                                          "destination", "from", "modelfile", "quantize")},
+    **{k: (BOOL, "true or false") for k in ("stream", "raw", "insecure", "verbose", "truncate")},
+    **{k: (OBJECT, "an object") for k in ("options", "parameters", "files", "adapters")},
+    **{k: (LIST, "a list") for k in ("messages", "tools", "context", "images")},
+    "format": ((str, dict), '"json" or a JSON schema object'), "input": ((str, list), "a string or a list of strings"),
+    "license": ((str, list), "a string or a list of strings"), "keep_alive": ((str, int, float), "a duration"),
+    "dimensions": ((int,), "an integer"),
+}
+"""Every field any Ollama route reads, with the JSON types it may hold (null = absent). Checked for every
+route before it reads anything, so a wrong type is one 400 naming the field, never a 500 (RELIABILITY 43)."""
+MESSAGE_TYPES = {"role": STRING, "content": STRING, "tool_calls": LIST, "images": LIST, "tool_name": STRING,
+                 "name": STRING, "tool_call_id": STRING, "thinking": STRING}
+
+
 async def read_body(request: Request) -> dict:
-    """The JSON object body; 400 for malformed JSON or a top-level array (RELIABILITY 21)."""
-    return parse_json(await request.body())
+    """The JSON object body with its fields' types checked; 400 for malformed JSON, a top-level array
+    (RELIABILITY 21) or any field of the wrong type (issue 14 item 11)."""
+    body = parse_json(await request.body())
+    check_types(body)
+    return body
+
+
+def check_types(body: dict) -> None:
+    problems = []
+    for name, value in body.items():
+        kinds, rule = FIELD_TYPES.get(name, ((object,), ""))
+        if value is not None and not (isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))):
+            problems.append((name, f"{name} must be {rule}, got {_kind(value)}"))
+    problems += _item_problems(body)
+    if problems:
+        raise BadRequest(problems)
+
+
+def _item_problems(body: dict) -> list[tuple[str, str]]:
+    """Messages are objects of typed fields; tools are function definitions."""
+    problems = []
+    for i, m in enumerate(body.get("messages") or [] if isinstance(body.get("messages"), list) else []):
+        bad = [k for k, kinds in MESSAGE_TYPES.items() if isinstance(m, dict) and m.get(k) is not None
+               and not isinstance(m[k], kinds)]
+        if not isinstance(m, dict) or bad:
+            where = f"messages[{i}]" + (f".{bad[0]}" if bad else "")
+            problems.append(("messages", f"{where} must be {'an object' if not bad else _RULES[bad[0]]}"))
+    tools = body.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
+        if not is_function_tool(tool):
+            problems.append(("tools", f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., '
+                                      '"parameters": {...}}}'))
+    return problems[:8]
+
+
+_RULES = {"tool_calls": "a list", "images": "a list"}
+_RULES.update({k: "a string" for k in MESSAGE_TYPES if k not in _RULES})
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), "a number")
 
 
 def flag(body: dict, name: str, default: bool) -> bool:

@@ -5,34 +5,38 @@ A generation request runs: body -> schemas.parse_* (one 400 for every bad field)
 (503 at once when full) -> events -> one JSON answer, or SSE chunks ``data: {json}\\n\\n`` ending
 with ``data: [DONE]``. The model is held from pool.get until the answer (or the stream) ends.
 
-Cancellation: a streaming client that goes away cancels the Ticket (Starlette cancels the
-generator; its ``finally`` cancels). A non-streaming one is noticed by a watcher that polls
-``request.is_disconnected()``. Either way the slot is free at the engine's next step.
+The lifecycle (hold, input filters, submit, output filters, cancel on disconnect, release) is
+corral.server.generation's; this module parses OpenAI bodies and renders the Deltas it yields.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import secrets
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from corral.errors import ChatFormatError, CorralError
-from corral.server import embeddings, toolcalls
-from corral.server.errors import BadRequest, HTTPError, sse_error_frame
+from corral.server import embeddings, generation, toolcalls
+from corral.server.errors import BadRequest, sse_error_frame
+from corral.server.generation import (
+    Generation,
+    GenerationStream,
+    Prompt,
+    chat_messages,
+    check_prompt_size,
+    merged,
+    released_on_error,
+    text_chars,
+)
 from corral.server.pool import LoadedModel
 from corral.server.schemas import ChatRequest, CompletionRequest, Sampling, parse_chat, parse_completion, parse_json
 from corral.server.state import ServerState, get_state
 
 router = APIRouter()
 router.include_router(embeddings.router)  # /v1/models, /v1/embeddings
-DISCONNECT_POLL_S = 0.2
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -106,78 +110,7 @@ def json_constraint_factory(model: LoadedModel, schema: dict | None, param: str 
     return lambda: json_constraint(llm.tokenizer, schema, vocab_size=llm.config.vocab_size)
 
 
-# -- running a ticket ---------------------------------------------------------------------------------
-
-@dataclass
-class Sample:
-    """What one of the n samples produced so far."""
-
-    parts: list[str] = field(default_factory=list)
-    tokens: int = 0
-    logprobs: list = field(default_factory=list)
-    finish: str | None = None
-    error: str | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
-class Run:
-    """A submitted request: its model, ticket and per-sample results; records metrics when it ends."""
-
-    def __init__(self, state: ServerState, model: LoadedModel, ticket, *, want_logprobs: bool):
-        self.state, self.model, self.ticket = state, model, ticket
-        self.samples = [Sample() for _ in range(ticket.n)]
-        self.want_logprobs = want_logprobs
-        self.stop_ids = model.llm.stop_ids
-        self.fmt, self.tokenizer = model.llm.chat_format, model.llm.tokenizer
-        self.first_token_at: float | None = None
-        self.id = secrets.token_hex(12)
-        self.created = int(time.time())
-
-    def add(self, ev) -> tuple[Sample, dict | None]:
-        """Record an event; the OpenAI logprob entry of its token (None when it has none to show)."""
-        s = self.samples[ev.index]
-        s.parts.append(ev.text)
-        entry = None
-        counted = ev.token >= 0 and not (ev.finish_reason == "stop" and ev.token in self.stop_ids)
-        if counted:
-            s.tokens += 1
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-            if self.want_logprobs and ev.logprob is not None:
-                entry = logprob_entry(self.tokenizer, ev.logprob)
-                s.logprobs.append(entry)
-        if ev.finish_reason is not None:
-            s.finish, s.error = ev.finish_reason, ev.error or self.ticket.error
-        return s, entry
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(s.tokens for s in self.samples)
-
-    def usage(self) -> dict:
-        p, c = self.ticket.prompt_tokens, self.completion_tokens
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def end(self) -> None:
-        """Cancel what still runs, record metrics, release the model (idempotent)."""
-        if self.model is None:
-            return
-        if any(s.finish is None for s in self.samples):
-            self.ticket.cancel()
-        decode_s = time.perf_counter() - self.first_token_at if self.first_token_at else None
-        self.state.metrics.record_generation(self.model.name, self.ticket.prompt_tokens, self.completion_tokens,
-                                             self.ticket.first_token_s, decode_s)
-        self.state.pool.release(self.model)
-        self.model = None
-
-    def engine_error(self) -> HTTPError | None:
-        errors = [s.error for s in self.samples if s.finish == "error"]
-        return HTTPError(f"generation failed: {errors[0] or 'engine error'}", status=500, code="engine_error") \
-            if errors else None
-
+# -- rendering ---------------------------------------------------------------------------------------
 
 def logprob_entry(tokenizer, choice) -> dict:
     def item(token: int, logprob: float) -> dict:
@@ -187,46 +120,12 @@ def logprob_entry(tokenizer, choice) -> dict:
     return {**item(choice.token, choice.logprob), "top_logprobs": [item(t, lp) for t, lp in (choice.top or [])]}
 
 
-async def collect(request: Request, run: Run) -> None:
-    """Consume every event of a non-streaming request; a client that disconnects cancels it."""
-    async def watch() -> None:
-        while True:
-            await asyncio.sleep(DISCONNECT_POLL_S)
-            if await request.is_disconnected():
-                run.ticket.cancel()
-                return
-
-    watcher = asyncio.create_task(watch())
-    try:
-        async for ev in run.ticket.events():
-            run.add(ev)
-    finally:
-        watcher.cancel()
-
-
-def submit(state: ServerState, model: LoadedModel, ids: list[int], params, stop, constraint, *,
-           want_logprobs: bool) -> Run:
-    ticket = model.scheduler.submit(ids, params, stop=stop, constraint_factory=constraint)
-    return Run(state, model, ticket, want_logprobs=want_logprobs)
-
-
-class TicketStream(StreamingResponse):
-    """An SSE answer that always ends its Run, even when the client is gone before the first byte is sent
-    (then Starlette never starts the generator, so the generator's own ``finally`` would never run)."""
-
-    def __init__(self, run: Run, content: AsyncIterator[str]):
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self.run = run
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.run.end()
-
-
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def event_stream(gen: Generation, frames: AsyncIterator[str]) -> GenerationStream:
+    return GenerationStream([gen], frames, "text/event-stream", SSE_HEADERS)
 
 
 # -- /v1/chat/completions -------------------------------------------------------------------------------
@@ -234,6 +133,8 @@ def sse(obj: dict) -> str:
 @dataclass
 class ChatPlan:
     ids: list[int]
+    messages: list
+    """The dialog as rendered (the stored SYSTEM first, tool list folded in): what input filters read."""
     tools: list[dict] | None
     """Tools whose calls are parsed from the reply (None: plain text)."""
     forced: bool
@@ -244,9 +145,7 @@ def plan_chat(model: LoadedModel, req: ChatRequest) -> ChatPlan:
     fmt = model.llm.chat_format
     if fmt is None:
         raise BadRequest(f"model {model.name} carries no chat template; use /v1/completions", param="model")
-    messages = list(req.messages)
-    if model.system and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": model.system})
+    messages = chat_messages(model, req.messages)
     tools = req.tools if req.tool_choice != "none" else None
     render_tools, constraint, forced = tools, None, False
     try:
@@ -262,7 +161,7 @@ def plan_chat(model: LoadedModel, req: ChatRequest) -> ChatPlan:
         constraint = json_constraint_factory(model, None)
     elif req.response_format.kind == "json_schema":
         constraint = json_constraint_factory(model, req.response_format.schema or {})
-    return ChatPlan(ids, tools, forced, constraint)
+    return ChatPlan(ids, messages, tools, forced, constraint)
 
 
 @router.post("/v1/chat/completions")
@@ -271,84 +170,83 @@ async def chat_completions(request: Request):
     req = parse_chat(await read_json(request))
     model = await checked_model(state, req)
     with released_on_error(state, model):
+        await check_prompt_size(model, text_chars(req.messages), "messages")
         plan = await asyncio.to_thread(plan_chat, model, req)
-        run = submit_request(state, model, req, plan.ids, "messages", plan.constraint)
+        gen = submit_request(state, model, req, Prompt(plan.ids, plan.messages), "messages", plan.constraint)
     name = req.model or model.name
     if req.stream:
-        return TicketStream(run, chat_stream(run, plan, name, req.include_usage))
-    await run_to_end(request, run)
-    choices = [chat_choice(run, plan, i) for i in range(len(run.samples))]
-    return {"id": f"chatcmpl-{run.id}", "object": "chat.completion", "created": run.created, "model": name,
-            "system_fingerprint": f"corral-{model.digest[7:19]}", "choices": choices, "usage": run.usage()}
+        return event_stream(gen, chat_stream(gen, plan, name, req.include_usage))
+    await gen.wait(request)
+    choices = [chat_choice(gen, plan, i) for i in range(len(gen.samples))]
+    return {"id": f"chatcmpl-{gen.id}", "object": "chat.completion", "created": gen.created, "model": name,
+            "system_fingerprint": f"corral-{model.digest[7:19]}", "choices": choices, "usage": gen.usage()}
 
 
-def chat_choice(run: Run, plan: ChatPlan, i: int) -> dict:
-    s = run.samples[i]
+def chat_choice(gen: Generation, plan: ChatPlan, i: int) -> dict:
+    s = gen.samples[i]
     message: dict = {"role": "assistant", "content": s.text}
     finish = s.finish
     if plan.tools:
-        reply = run.fmt.parse_reply(s.text)
+        reply = gen.model.llm.chat_format.parse_reply(s.text)
         if reply.tool_calls:
             message = {"role": "assistant", "content": reply.content or None,
                        "tool_calls": toolcalls.openai_tool_calls(reply.tool_calls)}
             finish = "tool_calls"
+    tokenizer = gen.model.llm.tokenizer
     return {"index": i, "message": message, "finish_reason": finish,
-            "logprobs": {"content": s.logprobs} if run.want_logprobs else None}
+            "logprobs": {"content": [logprob_entry(tokenizer, c) for c in s.choices]} if gen.logprobs else None}
 
 
-async def chat_stream(run: Run, plan: ChatPlan, name: str, include_usage: bool) -> AsyncIterator[str]:
-    base = {"id": f"chatcmpl-{run.id}", "object": "chat.completion.chunk", "created": run.created, "model": name}
+async def chat_stream(gen: Generation, plan: ChatPlan, name: str, include_usage: bool) -> AsyncIterator[str]:
+    base = {"id": f"chatcmpl-{gen.id}", "object": "chat.completion.chunk", "created": gen.created, "model": name}
+    tokenizer, fmt = gen.model.llm.tokenizer, gen.model.llm.chat_format
 
-    def chunk(i: int, delta: dict, finish: str | None = None, logprobs: list | None = None) -> str:
-        lp = {"content": logprobs} if run.want_logprobs and logprobs is not None else None
+    def chunk(i: int, delta: dict, finish: str | None = None, choice=None) -> str:
+        lp = {"content": [logprob_entry(tokenizer, choice)] if choice is not None else []} if gen.logprobs else None
         return sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
-    filters = [toolcalls.CallFilter(plan.forced) for _ in run.samples] if plan.tools else None
-    try:
-        for i in range(len(run.samples)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for ev in run.ticket.events():
-            s, entry = run.add(ev)
-            if ev.finish_reason == "error":
-                yield sse_error_frame(run.engine_error())
-                break
-            text = filters[ev.index].push(ev.text) if filters else ev.text
-            delta = {"content": text} if text else {}
-            if ev.finish_reason is None:
-                if delta or entry:
-                    yield chunk(ev.index, delta, None, [entry] if entry else [])
-                continue
-            finish = ev.finish_reason
-            if filters:
-                reply = run.fmt.parse_reply(s.text)
-                held = filters[ev.index].finish()
-                if reply.tool_calls:
-                    delta = {"tool_calls": toolcalls.openai_tool_calls(reply.tool_calls, streaming=True)}
-                    finish = "tool_calls"
-                elif held:
-                    delta = {"content": delta.get("content", "") + held}
-            if delta or entry:
-                yield chunk(ev.index, delta, None, [entry] if entry else [])
-            yield chunk(ev.index, {}, finish)
-        else:
-            if include_usage:
-                yield sse({**base, "choices": [], "usage": run.usage()})
-        yield "data: [DONE]\n\n"
-    finally:
-        run.end()
+    holds = [toolcalls.CallFilter(plan.forced) for _ in gen.samples] if plan.tools else None
+    for i in range(len(gen.samples)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for d in gen.deltas():
+        if d.finish == "error":
+            yield sse_error_frame(gen.error())
+            break
+        text = holds[d.index].push(d.text) if holds else d.text
+        delta = {"content": text} if text else {}
+        if d.finish is None:
+            yield chunk(d.index, delta, None, d.choice)
+            continue
+        finish = d.finish
+        if holds:
+            reply = fmt.parse_reply(gen.samples[d.index].text)
+            held = holds[d.index].finish()
+            if reply.tool_calls:
+                delta = {"tool_calls": toolcalls.openai_tool_calls(reply.tool_calls, streaming=True)}
+                finish = "tool_calls"
+            elif held:
+                delta = {"content": delta.get("content", "") + held}
+        if delta or d.choice is not None:
+            yield chunk(d.index, delta, None, d.choice)
+        yield chunk(d.index, {}, finish)
+    else:
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": gen.usage()})
+    yield "data: [DONE]\n\n"
 
 
 # -- /v1/completions --------------------------------------------------------------------------------------
 
-def completion_ids(model: LoadedModel, req: CompletionRequest) -> list[int]:
+def completion_ids(model: LoadedModel, prompt: str | list[int], index: int | None) -> list[int]:
     llm = model.llm
-    if isinstance(req.prompt, str):
-        return llm.tokenizer.encode(req.prompt, bos=llm.add_bos)
+    if isinstance(prompt, str):
+        return llm.tokenizer.encode(prompt, bos=llm.add_bos)
     vocab = llm.config.vocab_size
-    bad = [t for t in req.prompt if not 0 <= t < vocab]
+    bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
-        raise BadRequest(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
-    return list(req.prompt)
+        where = "prompt" if index is None else f"prompt[{index}]"
+        raise BadRequest(f"{where}: token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
+    return list(prompt)
 
 
 def legacy_logprobs(entries: list[dict], offset: int) -> dict:
@@ -364,74 +262,78 @@ def legacy_logprobs(entries: list[dict], offset: int) -> dict:
 
 @router.post("/v1/completions")
 async def completions(request: Request):
+    """One prompt, or a list of them (LangChain's batch): each prompt is its own generation, submitted
+    together so the engine decodes them in one batch; choice i*n + j is sample j of prompt i."""
     state = get_state(request)
     req = parse_completion(await read_json(request))
     model = await checked_model(state, req)
+    gens: list[Generation] = []
     with released_on_error(state, model):
-        ids = await asyncio.to_thread(completion_ids, model, req)
-        run = submit_request(state, model, req, ids, "prompt", None)
+        await check_prompt_size(model, max(text_chars([p]) for p in req.prompts), "prompt")
+        indexed = len(req.prompts) > 1
+        ids = await asyncio.to_thread(lambda: [completion_ids(model, p, i if indexed else None)
+                                               for i, p in enumerate(req.prompts)])
+        try:
+            for i, prompt_ids in enumerate(ids):
+                if i:
+                    state.pool.hold(model)  # each generation gives back its own hold
+                text = req.prompts[i] if isinstance(req.prompts[i], str) else None
+                gens.append(submit_request(state, model, req, Prompt(prompt_ids, text=text), "prompt", None))
+        except BaseException:
+            for g in gens:  # each running one gives back its hold; released_on_error gives back the last
+                g.end()
+            raise
     name = req.model or model.name
-    echo = (req.prompt if isinstance(req.prompt, str) else model.llm.tokenizer.decode(ids)) if req.echo else ""
+    echoes = [(p if isinstance(p, str) else model.llm.tokenizer.decode(i)) if req.echo else ""
+              for p, i in zip(req.prompts, ids)]
     if req.stream:
-        return TicketStream(run, completion_stream(run, name, echo, req.include_usage))
-    await run_to_end(request, run)
-    choices = [{"index": i, "text": echo + s.text, "finish_reason": s.finish,
-                "logprobs": legacy_logprobs(s.logprobs, len(echo)) if run.want_logprobs else None}
-               for i, s in enumerate(run.samples)]
-    return {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": name,
-            "choices": choices, "usage": run.usage()}
+        return GenerationStream(gens, completion_stream(gens, name, echoes, req.include_usage),
+                                "text/event-stream", SSE_HEADERS)
+    await asyncio.gather(*(g.wait(request) for g in gens))
+    tokenizer = model.llm.tokenizer
+    choices = [{"index": k * len(g.samples) + i, "text": echo + s.text, "finish_reason": s.finish,
+                "logprobs": legacy_logprobs([logprob_entry(tokenizer, c) for c in s.choices], len(echo))
+                if g.logprobs else None}
+               for k, (g, echo) in enumerate(zip(gens, echoes)) for i, s in enumerate(g.samples)]
+    return {"id": f"cmpl-{gens[0].id}", "object": "text_completion", "created": gens[0].created, "model": name,
+            "choices": choices, "usage": batch_usage(gens)}
 
 
-async def completion_stream(run: Run, name: str, echo: str, include_usage: bool) -> AsyncIterator[str]:
-    base = {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": name}
-    offsets = [len(echo)] * len(run.samples)
+def batch_usage(gens: list[Generation]) -> dict:
+    p, c = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def chunk(i: int, text: str, finish: str | None, entry: dict | None) -> str:
-        lp = legacy_logprobs([entry] if entry else [], offsets[i]) if run.want_logprobs else None
+
+async def completion_stream(gens: list[Generation], name: str, echoes: list[str],
+                            include_usage: bool) -> AsyncIterator[str]:
+    base = {"id": f"cmpl-{gens[0].id}", "object": "text_completion", "created": gens[0].created, "model": name}
+    n = len(gens[0].samples)
+    offsets = [len(echo) for echo in echoes for _ in range(n)]
+    tokenizer = gens[0].model.llm.tokenizer
+
+    def chunk(i: int, text: str, finish: str | None, choice) -> str:
+        entries = [logprob_entry(tokenizer, choice)] if choice is not None else []
+        lp = legacy_logprobs(entries, offsets[i]) if gens[0].logprobs else None
         offsets[i] += len(text)
         return sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
 
-    try:
-        if echo:
-            for i in range(len(run.samples)):
-                yield sse({**base, "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}]})
-        async for ev in run.ticket.events():
-            _, entry = run.add(ev)
-            if ev.finish_reason == "error":
-                yield sse_error_frame(run.engine_error())
-                break
-            if ev.text or entry or ev.finish_reason:
-                yield chunk(ev.index, ev.text, ev.finish_reason, entry)
-        else:
-            if include_usage:
-                yield sse({**base, "choices": [], "usage": run.usage()})
-        yield "data: [DONE]\n\n"
-    finally:
-        run.end()
+    for k, echo in enumerate(echoes):
+        for i in range(n if echo else 0):
+            yield sse({**base, "choices": [{"index": k * n + i, "text": echo, "logprobs": None,
+                                            "finish_reason": None}]})
+    async for k, d in merged(gens):
+        if d.finish == "error":
+            yield sse_error_frame(gens[k].error())
+            break
+        yield chunk(k * n + d.index, d.text, d.finish, d.choice)
+    else:
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": batch_usage(gens)})
+    yield "data: [DONE]\n\n"
 
 
-async def run_to_end(request: Request, run) -> None:
-    """Wait for a non-streamed request to finish; an engine failure becomes this request's error."""
-    try:
-        await collect(request, run)
-    finally:
-        run.end()
-    if (err := run.engine_error()) is not None:
-        raise err
-
-
-@contextlib.contextmanager
-def released_on_error(state, model):
-    """Hand the model back to the pool if anything fails before its request is running."""
-    try:
-        yield
-    except BaseException:
-        state.pool.release(model)
-        raise
-
-
-def submit_request(state, model, req, ids: list[int], field: str, constraint) -> Run:
-    """Checked sampling parameters for these prompt ids, then the engine's ticket (Run)."""
-    params = sampling_params(model, req.sampling, len(ids), field)
-    return submit(state, model, ids, params, stop_strings(model, req.sampling), constraint,
-                  want_logprobs=req.sampling.logprobs is not None)
+def submit_request(state, model, req, prompt: Prompt, field: str, constraint) -> Generation:
+    """Checked sampling parameters for these prompt ids, then the generation (input filters, ticket)."""
+    params = sampling_params(model, req.sampling, len(prompt.ids), field)
+    return generation.start(state, model, prompt, params, stop=stop_strings(model, req.sampling),
+                            constraint=constraint, logprobs=req.sampling.logprobs is not None)

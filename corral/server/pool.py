@@ -30,8 +30,9 @@ from typing import Any
 
 from corral.errors import ConfigError, CorralError, ModelNotFoundError
 from corral.server.errors import ModelLoadError
+from corral.store.load import DEFAULT_NAME, ensure_default, is_default, load_stored
 
-DEFAULT_MODEL = "smollm2:135m"
+DEFAULT_MODEL = DEFAULT_NAME
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's default of 5 minutes
 
 
@@ -125,45 +126,31 @@ def load_model(store, name: str, path: Path | None, options: LoadOptions) -> Loa
     """Load a stored model (path None) or a registered file (worker thread: this takes seconds)."""
     import torch
 
-    import corral
     from corral.engine.scheduler import Scheduler
+    from corral.llm import load
 
-    info, quant, kwargs = None, options.quant, {}
-    if path is None:
-        info = store.info(name)
-        if info.adapters:
-            raise ModelLoadError(f"{name} has an ADAPTER layer; LoRA adapters at load are not supported yet")
-        quant = info.config.get("quant") or quant
-        path = store.model_path(name)
+    kwargs = {"max_batch_size": options.parallel, "max_seq_len": options.context_length}
     if options.dtype:
         kwargs["dtype"] = getattr(torch, options.dtype)
-    llm = corral.load(path, quant=quant, max_batch_size=options.parallel, max_seq_len=options.context_length,
-                      **kwargs)
-    llm.name = name
-    if info is not None and info.template:
-        _apply_template(llm, info.template)
-    manifest = info.manifest.to_bytes() if info is not None else str(path.resolve()).encode()
-    config = info.config if info is not None else {}
+    if path is None:  # a stored model: its manifest, quant, PARAMETERs and SYSTEM come with it
+        llm, info = load_stored(store, name, quant=options.quant, **kwargs)
+        path, config = store.model_path(name), info.config
+        quant = config.get("quant") or options.quant
+        manifest, size = info.manifest.to_bytes(), info.manifest.total_size()
+        defaults, system = dict(info.parameters), info.system
+    else:  # a file the operator registered (corral serve --model PATH)
+        llm, quant, config = load(path, quant=options.quant, **kwargs), options.quant, {}
+        llm.name = name
+        manifest, size = str(path.resolve()).encode(), _path_size(path)
+        defaults, system = {}, None
     details = {"format": config.get("model_format", path.suffix.lstrip(".") or "dir"),
                "family": config.get("model_family", "llama"), "families": config.get("model_families", ["llama"]),
                "parameter_size": config.get("model_type", ""),
                "quantization_level": quant or config.get("file_type", "")}
-    size = info.manifest.total_size() if info is not None else _path_size(path)
     now = time.time()
     return LoadedModel(name, llm, Scheduler(llm.engine, max_queue=options.max_queue),
                        "sha256:" + hashlib.sha256(manifest).hexdigest(), size, now, details=details, last_used=now,
-                       options=dict(info.parameters) if info is not None else {},
-                       system=info.system if info is not None else None)
-
-
-def _apply_template(llm, template: str) -> None:
-    """A stored TEMPLATE (Jinja) replaces the model's own chat format."""
-    from corral.tokenizer.template import JinjaChatFormat
-
-    tok = llm.tokenizer
-    names = {i: t for t, i in tok.special_tokens.items()}
-    llm.chat_format = JinjaChatFormat(template, tok, bos_token=names.get(tok.bos_id, ""),
-                                      eos_token=names.get(tok.eos_id, ""), stop_ids=llm.stop_ids)
+                       options=defaults, system=system)
 
 
 def _path_size(path: Path) -> int:
@@ -217,10 +204,8 @@ class ModelPool:
         from corral.store.names import parse_name
 
         if not self.store.manifest_path(parse_name(key)).is_file():
-            if key != str(parse_name(DEFAULT_MODEL)):
+            if not is_default(key):
                 raise ModelNotFound(f"model {key!r} not found; `corral list` shows the stored models")
-            from corral.repl import ensure_default
-
             ensure_default(self.store)  # the embedded SmolLM2 registers itself the first time it is asked for
         return None
 
@@ -246,6 +231,10 @@ class ModelPool:
             # Ollama's rule: each request sets how long the model stays after it (absent = the server default).
             model.keep_alive = keep_alive if keep_alive is not None else self.keep_alive
         return model
+
+    def hold(self, model: LoadedModel) -> None:
+        """One more request holds a model it already holds (a batch of prompts); each release()s once."""
+        model.active += 1
 
     def _load(self, key: str, path: Path | None) -> LoadedModel:
         try:

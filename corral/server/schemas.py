@@ -19,26 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.server.errors import BadRequest
+from corral.server.jsonbody import parse_json
 from corral.server.pool import parse_keep_alive
+
+__all__ = ["parse_json", "parse_chat", "parse_completion", "parse_embedding"]
 
 MAX_STOP = 4
 MAX_N = 128  # SamplingParams' own bound; the queue bound (503) applies after it
 MAX_TOP_LOGPROBS = 20
-
-
-def parse_json(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}", param="body") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {_kind(body)}", param="body")
-    return body
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
+MAX_EMBED_INPUTS = 512  # OpenAI allows 2048; each input is a forward here, and a client may split its batch
 
 
 def _shown(value: Any) -> str:
@@ -164,7 +153,7 @@ def read_sampling(f: Fields, *, chat: bool) -> Sampling:
     s.frequency_penalty = f.number("frequency_penalty", lo=-2, hi=2)
     s.presence_penalty = f.number("presence_penalty", lo=-2, hi=2)
     s.n = f.int("n", 1, lo=1, hi=MAX_N)
-    s.seed = f.int("seed")
+    s.seed = f.int("seed", lo=-(2**63), hi=2**63 - 1)  # torch's generator takes 64 bits; more was a 500
     s.stop = _read_stop(f)
     s.logit_bias = _read_logit_bias(f)
     if chat:
@@ -234,7 +223,8 @@ class ChatRequest:
 @dataclass
 class CompletionRequest:
     model: str | None
-    prompt: str | list[int]
+    prompts: list[str | list[int]]
+    """One prompt, or a batch: each a string or a list of token ids."""
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
@@ -278,7 +268,7 @@ def parse_chat(body: dict) -> ChatRequest:
         messages = []
     sampling = read_sampling(f, chat=True)
     tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(_is_function_tool(t) for t in tools)):
+    if tools is not None and not (isinstance(tools, list) and all(is_function_tool(t) for t in tools)):
         f.bad("tools", 'a list of {"type": "function", "function": {"name": ..., "parameters": {...}}}')
         tools = None
     tool_choice = _read_tool_choice(f, tools or [])
@@ -290,7 +280,7 @@ def parse_chat(body: dict) -> ChatRequest:
                        f.problems)
 
 
-def _is_function_tool(tool: Any) -> bool:
+def is_function_tool(tool: Any) -> bool:
     if not isinstance(tool, dict) or tool.get("type", "function") != "function":
         return False
     fn = tool.get("function")
@@ -333,19 +323,29 @@ def _read_response_format(f: Fields) -> ResponseFormat:
 def parse_completion(body: dict) -> CompletionRequest:
     f = Fields(body)
     model, stream, include_usage, keep_alive = _common(f)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one; larger batches are not served (one prompt per request)
-    if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt))):
-        f.bad("prompt", "a string or a non-empty list of token ids (one prompt per request)")
-        prompt = ""
+    prompts = _read_prompts(f)
     sampling = read_sampling(f, chat=False)
     echo = f.bool("echo")
     if f.present("suffix"):
         f.problems.append(("suffix", "suffix (fill-in-the-middle) is not supported"))
     if f.present("best_of") and f.body.get("best_of") != sampling.n:
         f.problems.append(("best_of", "best_of is not supported (use n)"))
-    return CompletionRequest(model, prompt, sampling, stream, include_usage, echo, keep_alive, f.problems)
+    if len(prompts) * sampling.n > MAX_N:
+        f.problems.append(("prompt", f"{len(prompts)} prompts x n={sampling.n} samples is over {MAX_N} "
+                                     "completions per request"))
+    return CompletionRequest(model, prompts, sampling, stream, include_usage, echo, keep_alive, f.problems)
+
+
+def _read_prompts(f: Fields) -> list[str | list[int]]:
+    """OpenAI's four prompt forms: a string, token ids, a list of strings, a list of token id lists."""
+    v = f.body.get("prompt")
+    if isinstance(v, str) or (isinstance(v, list) and v and all(_is_int(t) for t in v)):
+        return [v]
+    if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(
+            isinstance(p, list) and p and all(_is_int(t) for t in p) for p in v)):
+        return list(v)
+    f.bad("prompt", "a string, a list of token ids, or a non-empty list of either (a batch)")
+    return [""]
 
 
 def parse_embedding(body: dict) -> EmbeddingRequest:
@@ -363,6 +363,8 @@ def parse_embedding(body: dict) -> EmbeddingRequest:
         inputs = [list(r) for r in v]
     else:
         f.bad("input", "a string, a non-empty list of strings, a list of token ids or a list of such lists")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        f.problems.append(("input", f"input holds {len(inputs)} items; at most {MAX_EMBED_INPUTS} per request"))
     fmt = f.str("encoding_format", "float")
     if fmt not in ("float", "base64"):
         f.bad("encoding_format", '"float" or "base64"')

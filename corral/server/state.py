@@ -55,6 +55,16 @@ class ServeConfig:
     default_model: str = DEFAULT_MODEL
     preload: list[str] = field(default_factory=list)
     """Models loaded at start: store names or paths (a path is registered under its file name)."""
+    allow_origins: list[str] = field(default_factory=list)
+    """Browser origins besides the server's own that may call it ("http://localhost:*", "*" wildcards)."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send a request's headers (slow-loris connections are closed)."""
+    body_timeout: float = 30.0
+    """Seconds a request body may go without a byte arriving (a body shorter than its Content-Length)."""
+    keep_alive_timeout: float = 5.0
+    """Seconds an idle keep-alive connection stays open between requests."""
+    max_connections: int = 1000
+    """Open connections at once; more are answered 503 and closed (capped below the descriptor limit)."""
 
     @property
     def loopback(self) -> bool:
@@ -72,6 +82,7 @@ class ServeConfig:
         if host:
             config.host, config.port = split_host_port(host, config.port)
         config.api_key = os.environ.get("CORRAL_API_KEY") or None
+        config.allow_origins = [o.strip() for o in os.environ.get("CORRAL_ORIGINS", "").split(",") if o.strip()]
         for key, value in overrides.items():
             if value is not None:
                 setattr(config, key, value)
@@ -115,6 +126,8 @@ class ServerState:
     """corral.store.Store"""
     embedders: dict = field(default_factory=dict)
     """Embedding models outside the pool (the MiniLM sentence encoder), loaded on first use."""
+    filters: list = field(default_factory=list)
+    """Stream filters every generation passes through (corral.server.generation.StreamFilter), in order."""
 
     @classmethod
     def create(cls, config: ServeConfig, store=None) -> ServerState:

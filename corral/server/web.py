@@ -21,18 +21,19 @@ Errors answer ``{"error": "..."}`` with 400 (bad input, named), 404 (no such id)
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from corral.errors import CorralError
 from corral.server.conversations import ConversationError, ConversationNotFound, ConversationStore
+from corral.server.errors import BadRequest, disk_full
+from corral.server.jsonbody import parse_json
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_IMPORT_BYTES = 64 << 20
@@ -75,6 +76,8 @@ async def _call(request: Request, fn, *args: Any, **kwargs: Any) -> Any:
     except ConversationNotFound as e:
         return _error(404, str(e))
     except CorralError as e:
+        if disk_full(e):
+            raise  # the app's handler answers 507
         return _error(400, str(e))
 
 
@@ -84,11 +87,9 @@ async def _body(request: Request, limit: int = 2 << 20, allowed: set[str] | None
     if len(raw) > limit:
         return _error(413, f"body is {len(raw)} bytes; the limit is {limit}")
     try:
-        body = json.loads(raw or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return _error(400, f"body is not valid JSON: {e}")
-    if not isinstance(body, dict):
-        return _error(400, "body must be a JSON object")
+        body = parse_json(raw or b"{}")  # bad JSON, deep nesting, lone surrogates
+    except BadRequest as e:
+        return _error(400, str(e))
     unknown = set(body) - allowed if allowed is not None else set()
     if unknown:
         return _error(400, f"unknown field(s) {sorted(unknown)}")
@@ -96,8 +97,11 @@ async def _body(request: Request, limit: int = 2 << 20, allowed: set[str] | None
 
 
 # -- the page and its files ---------------------------------------------------------------------
-@router.get("/", include_in_schema=False)
-async def index() -> Response:
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def index(request: Request) -> Response:
+    """The page for a browser; for tools, Ollama's health answer (its clients and scripts probe `GET|HEAD /`)."""
+    if "text/html" not in request.headers.get("accept", ""):
+        return PlainTextResponse("Ollama is running")
     return FileResponse(STATIC_DIR / "index.html", media_type=MEDIA_TYPES[".html"], headers=SECURITY_HEADERS)
 
 
@@ -224,7 +228,11 @@ async def import_conversations(request: Request) -> Any:
     raw = await request.body()
     if len(raw) > MAX_IMPORT_BYTES:
         return _error(413, f"import is {len(raw)} bytes; the limit is {MAX_IMPORT_BYTES}")
-    result = await _call(request, "import_", raw)
+    try:
+        data = await run_in_threadpool(parse_json, raw)  # up to 64 MiB: checked off the event loop
+    except BadRequest as e:
+        return _error(400, str(e))
+    result = await _call(request, "import_", data)
     return result if isinstance(result, JSONResponse) else {"imported": result}
 
 

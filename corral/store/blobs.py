@@ -128,11 +128,14 @@ class BlobStore:
         path.unlink(missing_ok=True)
         return size
 
+    def stale_temp_files(self, older_than_s: float = 3600.0) -> list[Path]:
+        """Temp files a killed writer left (old enough that no live writer still owns them)."""
+        now = time.time()
+        return [p for p in self.stray_files()
+                if p.name.startswith(".") and p.name.endswith(".tmp") and now - p.stat().st_mtime > older_than_s]
+
     def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> int:
-        """Delete temp files a killed writer left (old enough that no live writer still owns them)."""
-        removed, now = 0, time.time()
-        for path in self.stray_files():
-            if path.name.startswith(".") and path.name.endswith(".tmp") and now - path.stat().st_mtime > older_than_s:
-                os.unlink(path)
-                removed += 1
-        return removed
+        stale = self.stale_temp_files(older_than_s)
+        for path in stale:
+            os.unlink(path)
+        return len(stale)

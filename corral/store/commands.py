@@ -1,5 +1,6 @@
 """Store subcommands for ``corral``: create, import, list, show, cp, rm, verify, ps, pull, push,
-convert, quantize. ``add_parsers`` wires them (the CLI contract); handlers import what they use."""
+convert, quantize. Each is a ``cmd_*`` handler and, where it takes any, an ``*_arguments`` function;
+cli.py's COMMANDS table wires them. Handlers import what they use."""
 
 from __future__ import annotations
 
@@ -61,15 +62,30 @@ def cmd_create(args) -> int:
     from corral.store import create_model, parse_modelfile
 
     path = Path(args.file)
-    text = path.read_text(encoding="utf-8") if path.is_file() else None
-    if text is None:
-        raise FileNotFoundError(f"no Modelfile at {path}")
+    text = _read_modelfile(path)
     started = time.perf_counter()
     with Bars() as bars:
         manifest = create_model(_store(), args.name, parse_modelfile(text, str(path)), path.parent, bars)
     print(f"created {args.name} ({human_size(manifest.total_size())}, {len(manifest.layers)} layers) "
           f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+def _read_modelfile(path: Path) -> str:
+    """A Modelfile's text; a missing, special or non-UTF-8 file is one clear error naming the line."""
+    from corral.errors import FormatError
+    from corral.store.modelfile import MAX_MODELFILE_BYTES
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no Modelfile at {path}" + (" (not a regular file)" if path.exists() else ""))
+    with open(path, "rb") as f:
+        data = f.read(MAX_MODELFILE_BYTES + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise FormatError(f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}", path=str(path),
+                          field=f"line {line}") from None
 
 
 def cmd_import(args) -> int:
@@ -191,8 +207,13 @@ def cmd_verify(args) -> int:
         problems = store.verify(bar.update)
     for problem in problems:
         print(problem)
+    leftovers = store.leftovers()
+    for path, size in leftovers:  # not damage: space a killed command left; the next `rm` or quantize frees it
+        print(f"leftover {path.relative_to(store.home)} ({human_size(size)}) from a killed command; "
+              "the next `corral rm` or `corral quantize` removes it")
+    left = f", {len(leftovers)} leftovers ({human_size(sum(s for _, s in leftovers))})" if leftovers else ""
     print(f"{len(store.blobs.digests())} blobs ({human_size(total)}), {len(store.entries())} models: "
-          f"{'OK' if not problems else f'{len(problems)} problems'}", file=sys.stderr)
+          f"{'OK' if not problems else f'{len(problems)} problems'}{left}", file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -347,11 +368,11 @@ def cmd_convert(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    """GGUF Q8_0/Q4_0 write new weights; int8/int4 store a model that is quantized when it loads."""
-    import tempfile
-
+    """GGUF mixes (llama.cpp's per-tensor types and blocks) write new weights; int8/int4 store a model that is
+    quantized when it loads."""
     from corral.store import Modelfile, create_model
     from corral.store.convert import RUNTIME_QUANTS, quantize_gguf
+    from corral.store.scratch import scratch_dir
 
     store, started = _store(), time.perf_counter()
     source = _source_path(args.source)
@@ -361,11 +382,10 @@ def cmd_quantize(args) -> int:
         print(f"created {new_name}: {args.source} loaded with {args.type} weights (no new blob) "
               f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         return 0
-    store.models.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
-    with tempfile.TemporaryDirectory(dir=store.models, prefix=".quantize-") as scratch:
-        out = Path(args.output) if args.output else Path(scratch) / "model.gguf"
+    with scratch_dir(store.models, "quantize") as scratch:  # a kill leaves it to the next GC (RELIABILITY 45)
+        out = Path(args.output) if args.output else scratch / "model.gguf"
         total = _path_size(source)
         with tqdm(total=total, desc=f"quantize {args.type}", unit="B", unit_scale=True, file=sys.stderr,
                   disable=None, leave=False) as bar:
@@ -385,48 +405,60 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] = ()) -> None:
-    def add(name, handler, help, **kw):
-        p = sub.add_parser(name, help=help, description=handler.__doc__ or help, parents=list(parents), **kw)
-        p.set_defaults(handler=handler)
-        return p
-
-    p = add("create", cmd_create, "create a stored model from a Modelfile")
+# -- arguments: cli.py's COMMANDS names each of these beside its cmd_* handler ----------------------
+def create_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="[host/][namespace/]model[:tag]")
     p.add_argument("-f", "--file", default="Modelfile", help="Modelfile path (default: ./Modelfile)")
-    p = add("import", cmd_import, "store a GGUF file, HF/Meta directory or .tar archive")
+
+
+def import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path")
     p.add_argument("name", nargs="?", default=None, help="name to store it under (default: from the path)")
-    p = add("list", cmd_list, "list stored models", aliases=["ls"])
+
+
+def list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("show", cmd_show, "show a stored model's details")
+
+
+def show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     group = p.add_mutually_exclusive_group()
     for flag in ("--modelfile", "--parameters", "--template", "--system", "--license", "--json"):
         group.add_argument(flag, action="store_true")
-    p = add("cp", cmd_cp, "copy a model to a new name (no blob is copied)")
+
+
+def cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source")
     p.add_argument("dest")
-    p = add("rm", cmd_rm, "remove models; blobs no other model uses are deleted")
+
+
+def rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="+", metavar="name")
-    add("verify", cmd_verify, "re-hash every blob and check every manifest")
-    add("ps", cmd_ps, f"models a running server holds (CORRAL_HOST, default {DEFAULT_HOST})")
-    p = add("pull", cmd_pull, "copy a model in from a store directory, a .tar or a Corral server")
+
+
+def pull_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="model name in the source (ignored for a .tar)")
     p.add_argument("--from", dest="source", required=True,
                    help="a store directory (holding models/), a .tar, or a server: http(s)://host:port or host:port")
     p.add_argument("--as", dest="as_name", default=None, help="store it under another name")
-    p = add("push", cmd_push, "copy a model out to a store directory, a .tar or a Corral server")
+
+
+def push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--to", dest="dest", required=True,
                    help="a store directory, a file name ending in .tar, or a server: http(s)://host:port or host:port")
-    p = add("convert", cmd_convert, "write a model in another checkpoint format")
+
+
+def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a stored model name or a GGUF file / HF or Meta directory")
     p.add_argument("dest", help="output file (gguf) or directory (hf, meta)")
     p.add_argument("--format", required=True, choices=["gguf", "hf", "meta"])
-    p.add_argument("--qtype", default="F32", choices=["F32", "F16", "Q8_0"], help="GGUF weight type")
-    p = add("quantize", cmd_quantize, "quantize a model: GGUF Q8_0/Q4_0, or runtime int8/int4")
+    p.add_argument("--qtype", default="F32", choices=["F32", "F16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M"],
+                   help="GGUF weight type (a llama.cpp mix)")
+
+
+def quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a stored model name or a model path")
-    p.add_argument("--type", required=True, choices=["Q8_0", "Q4_0", "int8", "int4"])
+    p.add_argument("--type", required=True, choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "int8", "int4"])
     p.add_argument("--name", default=None, help="stored name of the result (default: MODEL:<type>)")
     p.add_argument("-o", "--output", default=None, help="write a GGUF file here instead of storing it")

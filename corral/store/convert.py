@@ -1,19 +1,21 @@
 """``corral convert`` and ``corral quantize``: rewrite a model's weights in another format or type.
 
 convert loads any checkpoint and writes it with ``corral.checkpoint.export.export_checkpoint``;
-the tokenizer goes along where the target format can hold it as is (GGUF -> GGUF metadata, HF ->
-HF tokenizer files, Meta -> Meta tokenizer.model) and a note says when it cannot.
+the tokenizer goes along where the target format can hold it (GGUF -> GGUF metadata, HF -> HF
+tokenizer files, Meta -> Meta tokenizer.model; HF or Meta -> GGUF as the ``tokenizer.*`` keys
+llama.cpp's converter writes, ``corral.tokenizer.gguf_vocab``) and a note says when it cannot.
 
-quantize to GGUF Q8_0 or Q4_0 reads a GGUF tensor by tensor, dequantizes each 2-D weight to
-float32 and requantizes it with ``gguf.quants.quantize`` (ggml's block formats: 32 weights per
-block, one scale; Q4_0 packs 4-bit values, Q8_0 int8); norms stay F32 and rows that are not whole
-blocks become F16, as llama.cpp does. Other sources are first exported as an F32 GGUF.
+quantize writes one of llama.cpp's mixes (Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0): each tensor gets the
+type llama.cpp's quantizer would give it (``corral.checkpoint.gguf_quant``) and, from float
+weights, the same blocks byte for byte. A GGUF source is read tensor by tensor: a tensor already in
+its target type is copied, others are widened to float32 and quantized (a quantized source is
+requantized, which llama.cpp refuses without --allow-requantize). Other sources are loaded and
+written in the mix directly, with their tokenizer.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,13 +24,13 @@ import numpy as np
 from corral.checkpoint.atomic import write_atomic
 from corral.errors import CorralError
 
-GGUF_QUANTS = ("Q8_0", "Q4_0")
+GGUF_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0")
 RUNTIME_QUANTS = ("int8", "int4")
 _TOKENIZER_FILES = {"hf": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                            "generation_config.json"),
                     "meta": ("tokenizer.model",)}
 # Keys the GGUF writer sets itself, or that a requantized file must not keep from its source.
-_WRITER_KEYS = {"general.architecture", "general.alignment", "general.file_type"}
+_WRITER_KEYS = {"general.architecture", "general.alignment", "general.file_type", "general.quantization_version"}
 
 
 def convert_checkpoint(source: Path, dest: Path, fmt: str, qtype: str = "F32",
@@ -44,54 +46,69 @@ def convert_checkpoint(source: Path, dest: Path, fmt: str, qtype: str = "F32",
     ckpt = load_checkpoint(source, dtype=torch.float32)
     if step:
         step("writing")
+    notes: list[str] = []
     metadata = ckpt.metadata if ckpt.format == "gguf" else None
+    if fmt == "gguf" and ckpt.format in _TOKENIZER_FILES:
+        metadata = _gguf_tokenizer(ckpt, notes)
     export_checkpoint(ckpt.config, ckpt.state_dict, dest, fmt, qtype=qtype, metadata=metadata)
-    notes = []
     if fmt == ckpt.format and fmt in _TOKENIZER_FILES:
         for name in _TOKENIZER_FILES[fmt]:
             if (ckpt.path / name).is_file():
                 write_atomic(dest / name, lambda tmp, name=name: shutil.copyfile(ckpt.path / name, tmp))
-    elif fmt != ckpt.format:
+    elif fmt != ckpt.format and fmt != "gguf":
         notes.append(f"the tokenizer is not carried from {ckpt.format} to {fmt}; add its files to {dest} yourself")
     return notes
 
 
-def _quantize_tensor(data: np.ndarray, qtype: str):
-    """(array, ggml type) for one float32 tensor in torch order."""
-    from gguf.constants import GGMLQuantizationType as T
-    from gguf.quants import quantize
+def _gguf_tokenizer(ckpt, notes: list[str]) -> dict | None:
+    """tokenizer.* metadata for an HF or Meta checkpoint's own tokenizer files, or None with a note why not."""
+    from corral.errors import TokenizerError
+    from corral.tokenizer.gguf_vocab import gguf_vocab_from_hf, gguf_vocab_from_tiktoken
 
-    target = T[qtype]
-    if data.ndim == 1:
-        return data, T.F32
-    if data.shape[-1] % 32 == 0:
-        return quantize(data, target), target
-    return data.astype(np.float16), T.F16
+    source = ckpt.path / _TOKENIZER_FILES[ckpt.format][0]
+    if not source.is_file():
+        notes.append(f"{ckpt.path} has no {source.name}; the GGUF file has no tokenizer")
+        return None
+    try:
+        if ckpt.format == "hf":
+            return gguf_vocab_from_hf(ckpt.path, ckpt.config.vocab_size)
+        return gguf_vocab_from_tiktoken(source, ckpt.config.vocab_size)
+    except TokenizerError as e:
+        notes.append(f"the tokenizer is not written to the GGUF file: {e}")
+        return None
 
 
 def _write_requantized(src: Path, tmp: Path, qtype: str, tick: Callable[[int], None] | None) -> None:
-    from gguf import GGUFWriter, LlamaFileType
+    from gguf import GGUFWriter
     from gguf.constants import GGUFValueType
 
+    from corral.checkpoint.gguf_quant import MIXES, quantize_tensor, tensor_types
     from corral.checkpoint.gguf_reader import read_gguf
 
     with read_gguf(src) as g:
-        writer = GGUFWriter(tmp, str(g.metadata.get("general.architecture", "llama")))
+        meta = g.metadata
+        writer = GGUFWriter(tmp, str(meta.get("general.architecture", "llama")))
         try:
-            for key, value in g.metadata.items():
+            for key, value in meta.items():
                 if key in _WRITER_KEYS:
                     continue
                 vtype, etype = g.value_types[key]
                 writer.add_key_value(key, value, GGUFValueType(vtype), GGUFValueType(etype) if etype is not None
                                      else None)
-            writer.add_file_type(LlamaFileType.MOSTLY_Q8_0 if qtype == "Q8_0" else LlamaFileType.MOSTLY_Q4_0)
+            writer.add_file_type(MIXES[qtype][1])
+            writer.add_quantization_version(2)  # GGML_QNT_VERSION, as llama.cpp's quantizer writes
+            arch = meta.get("general.architecture", "llama")
+            n_heads = int(meta.get(f"{arch}.attention.head_count", 1))
+            targets = tensor_types({n: (i.shape, i.ggml_type) for n, i in g.tensors.items()}, qtype,
+                                   n_layers=int(meta.get(f"{arch}.block_count", 0)), n_heads=n_heads,
+                                   n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_heads)))
             for name, info in g.tensors.items():
-                data = g.tensor(name).numpy()
-                if name == "rope_freqs.weight":
-                    out, ggml_type = data, None
+                target = targets[name]
+                if target == info.ggml_type:  # llama.cpp copies a tensor already in its type
+                    out = np.asarray(g.raw(name)).reshape(*info.shape[:-1], -1)
                 else:
-                    out, ggml_type = _quantize_tensor(data, qtype)
-                writer.add_tensor(name, out, raw_dtype=ggml_type)
+                    out = quantize_tensor(g.tensor(name).numpy(), target)
+                writer.add_tensor(name, out, raw_dtype=target)
                 if tick:
                     tick(info.nbytes)
             writer.write_header_to_file()
@@ -110,8 +127,9 @@ def quantize_gguf(source: Path, dest: Path, qtype: str, tick: Callable[[int], No
     if detect_format(source) == "gguf" and source.is_file():
         write_atomic(dest, lambda tmp: _write_requantized(source, tmp, qtype, tick))
         return dest
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".quantize-") as scratch:
-        f32 = Path(scratch) / "f32.gguf"
-        convert_checkpoint(source, f32, "gguf", "F32")
-        write_atomic(dest, lambda tmp: _write_requantized(f32, tmp, qtype, tick))
+    # HF or Meta: one pass, weights and tokenizer straight into the mix (export_gguf writes atomically).
+    convert_checkpoint(source, dest, "gguf", qtype)
+    if tick:
+        files = [p for p in source.rglob("*") if p.is_file()] if source.is_dir() else [source]
+        tick(sum(p.stat().st_size for p in files))
     return dest

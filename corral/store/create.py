@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from corral.checkpoint.base import read_json_object
 from corral.checkpoint.load import GGUF_MAGIC, detect_format
 from corral.errors import FormatError, ModelNotFoundError
 from corral.store import manifest as mt
@@ -60,24 +59,27 @@ def _human_count(n: int) -> str:
 
 
 def describe(path: Path, fmt: str) -> dict:
-    """The config blob: format, family, parameter count, weight type (read from headers, not weights)."""
-    from corral.model.config import ModelConfig
+    """The config blob: format, family, parameter count, weight type.
 
+    The files are checked as a load checks them (config against every tensor's name and shape, pickles
+    opened without running code) from their headers, so nothing is registered that would fail to load
+    (RELIABILITY.md 40).
+    """
+    from corral.checkpoint.load import load_checkpoint
+
+    ckpt = load_checkpoint(path, weights=False)
+    config = ckpt.config
     if fmt == "gguf":
-        from corral.checkpoint.gguf import config_from_gguf
         from corral.checkpoint.gguf_reader import read_gguf
 
         with read_gguf(path) as g:
-            config = config_from_gguf(g)
             kinds = Counter(t.type_name for t in g.tensors.values() if len(t.shape) == 2)
             file_type = kinds.most_common(1)[0][0] if kinds else "F32"
     elif fmt == "hf":
-        from corral.checkpoint.hf import config_from_hf
-
-        raw = read_json_object(path / "config.json")
-        config, file_type = config_from_hf(raw), str(raw.get("torch_dtype") or raw.get("dtype") or "unknown").upper()
+        raw = ckpt.metadata["config"]
+        file_type = str(raw.get("torch_dtype") or raw.get("dtype") or "unknown").upper()
     else:
-        config, file_type = ModelConfig.from_params(read_json_object(path / "params.json")), "BF16/F32 (.pth)"
+        file_type = "BF16/F32 (.pth)"
     return {"model_format": fmt, "model_family": "llama", "model_families": ["llama"],
             "model_type": _human_count(config.num_params()), "file_type": file_type,
             "context_length": config.max_seq_len, "embedding_length": config.dim, "block_count": config.n_layers}
@@ -121,9 +123,9 @@ def _extra_layers(store: Store, mf: Modelfile, base_params: dict, base_dir: Path
                   progress: ProgressFactory | None) -> list[Descriptor]:
     layers = []
     if mf.template is not None:
-        from corral.tokenizer.template import compile_template
+        from corral.tokenizer.template import check_template
 
-        compile_template(mf.template)  # a template that does not compile is refused now, not at first chat
+        check_template(mf.template)  # one that does not compile, or loops past its budget, is refused now
         layers.append(_text_layer(store, mt.TEMPLATE, mf.template))
     if mf.system is not None:
         layers.append(_text_layer(store, mt.SYSTEM, mf.system))

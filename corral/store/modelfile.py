@@ -16,6 +16,8 @@ values of the wrong type are errors that name the line.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,17 @@ PARAMETERS: dict[str, tuple[type, str | None]] = {
     "num_ctx": (int, None),
     "repeat_last_n": (int, None),
 }
+MAX_INT = 2**63 - 1
+PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda x: x >= 0, ">= 0"), "top_p": (lambda x: 0 < x <= 1, "in (0, 1]"),
+    "min_p": (lambda x: 0 <= x <= 1, "in [0, 1]"), "repeat_penalty": (lambda x: x > 0, "> 0"),
+    "presence_penalty": (lambda x: -2 <= x <= 2, "in [-2, 2]"),
+    "frequency_penalty": (lambda x: -2 <= x <= 2, "in [-2, 2]"),
+    "num_predict": (lambda n: n >= 1 or n in (-1, -2), "a positive integer, -1 or -2"),
+    "num_ctx": (lambda n: n >= 1, "a positive integer"), "repeat_last_n": (lambda n: n >= -1, "an integer >= -1"),
+    "top_k": (lambda n: n >= 0, "an integer >= 0"), "seed": (lambda n: abs(n) <= MAX_INT, "a 64-bit integer"),
+}
+"""The values each numeric parameter may take, here and in a request's Ollama ``options``."""
 ROLES = ("system", "user", "assistant")
 INSTRUCTIONS = ("from", "parameter", "template", "system", "adapter", "license", "message")
 MAX_MODELFILE_BYTES = 1 << 20
@@ -66,8 +79,13 @@ def parse_parameter(name: str, value: str, where: str = "") -> Any:
     except ValueError:
         raise FormatError(f"parameter {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}",
                           field=where or name) from None
-    if kind is float and parsed != parsed:
-        raise FormatError(f"parameter {key} must be a number, got {value!r}", field=where or name)
+    ok, rule = PARAMETER_RULES.get(key, (lambda v: True, ""))
+    if kind is float and not math.isfinite(parsed):  # 1e999 parses as inf; stored, it fails at every use
+        raise FormatError(f"parameter {key} must be a finite number, got {value!r}", field=where or name)
+    if abs(parsed) > MAX_INT or not ok(parsed):
+        rule = rule or "an integer of at most 64 bits"
+        raise FormatError(f"parameter {key} must be {'a number ' if kind is float else ''}{rule}, got {value!r}",
+                          field=where or name)
     return parsed
 
 

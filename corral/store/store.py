@@ -28,6 +28,7 @@ from corral.store import manifest as mt
 from corral.store.blobs import BlobStore, Progress
 from corral.store.manifest import Manifest, parse_config, parse_manifest
 from corral.store.names import ModelName, parse_name
+from corral.store.scratch import collect_scratch, stale_scratch, tree_size
 
 try:
     import fcntl
@@ -216,7 +217,13 @@ class Store:
                 if view.name not in views and (not view.name.startswith(".") or _older_than(view, 3600)):
                     shutil.rmtree(view, ignore_errors=True)
         self.blobs.remove_stale_temp_files()
-        return freed
+        return freed + collect_scratch(self.models)
+
+    def leftovers(self) -> list[tuple[Path, int]]:
+        """(path, bytes) of what killed commands left and garbage collection will remove: scratch folders
+        no live process owns, and blob temp files over an hour old."""
+        found = [(p, tree_size(p)) for p in stale_scratch(self.models)]
+        return found + [(p, p.stat().st_size) for p in self.blobs.stale_temp_files()]
 
     def verify(self, progress: Progress = None) -> list[str]:
         """Re-hash every blob and check every manifest; the list of problems (empty when all is well)."""

@@ -39,6 +39,14 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     "llama3": _LLAMA3,
     "llama-v3": _LLAMA3,
     "llama-bpe": _LLAMA3,
+    "falcon3": _LLAMA3,
+    "falcon-h1": _LLAMA3,
+    "pixtral": _LLAMA3,
+    "midm-2.0": _LLAMA3,
+    "lfm2": _LLAMA3,
+    "jina-v5-nano": _LLAMA3,
+    "smaug-bpe": _LLAMA3,  # llama.cpp's label for some Llama 3 files (e.g. Smaug-Llama-3-70B)
+    "dbrx": _LLAMA3,
     "smollm": _DIGITS_THEN_GPT2,
     "starcoder": _DIGITS_THEN_GPT2,
     "refact": _DIGITS_THEN_GPT2,
@@ -52,9 +60,10 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     "jais": _GPT2,
     "default": _DEFAULT,
 }
-# llama.cpp (like tiktoken) takes a whole pre-token that is in the vocabulary as is, skipping merges,
-# only for the Llama 3 pre-tokenizer.
-_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}
+# llama.cpp (like tiktoken) takes a whole pre-token that is in the vocabulary as is, skipping merges, for the
+# names it maps to LLAMA_VOCAB_PRE_TYPE_LLAMA3; smaug-bpe and dbrx use the same regex but run the merges.
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                  "jina-v5-nano"}
 
 
 def byte_to_unicode() -> dict[int, str]:

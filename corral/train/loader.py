@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from corral.data.shards import read_shard
 from corral.errors import ConfigError
-from corral.train.shards import read_shard
 
 
 class TokenLoader:

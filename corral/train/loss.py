@@ -14,9 +14,13 @@ that same buffer at once: dh = (p - y) W, dW += (p - y)^T h. Only (rows, vocab) 
 live; the exponentials are computed once instead of twice. ``backward`` just scales the saved
 gradients by the incoming one (grad-accumulation's 1/k).
 
-``final_hidden`` is Transformer.forward without the output projection (positions 0..T-1, no cache),
-so that the loss can take the projection over. It must stay equal to the model's forward; a test
-checks ``F.linear(final_hidden(m, x, *rope_tables(m, x)), W) == m(x)``.
+``sequence_logprobs`` gives each position's log p(target) through the same chunked projection (DPO,
+reward models, PPO and multiple-choice evaluation score sequences with it). Its gradient depends on the
+incoming per-token gradient, so backward recomputes each chunk's logits from the saved log-sum-exp
+instead of keeping them: dz = g (onehot - p), then the same two matmuls.
+
+Both losses take the output projection over from the model: it runs ``Transformer.hidden`` (the trunk
+that ``forward`` also runs) and projects in chunks itself.
 """
 
 from __future__ import annotations
@@ -27,24 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from corral.model.rope import rope_angles, rope_frequencies
-
 IGNORE_INDEX = -100
 """Targets equal to this add nothing to the loss (as in F.cross_entropy)."""
-
-
-def rope_tables(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim/2) of positions 0..T-1 for token ids (B, T)."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
-    return rope_angles(rope_frequencies(model.config, tokens.device), positions)
-
-
-def final_hidden(model: nn.Module, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Token ids (B, T) -> the final-norm hidden states (B, T, dim) of a whole Transformer."""
-    h = model.tok_embeddings(tokens)  # (B, T, dim)
-    for layer in model.layers:
-        h = layer(h, cos, sin, None, None, 0)
-    return model.norm(h)
 
 
 def output_weight(model: nn.Module) -> torch.Tensor:
@@ -111,6 +99,70 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return _LinearCrossEntropy.apply(h2, weight.float(), targets.reshape(-1), max(1, chunk_rows), with_grads)
 
 
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        # h (N, dim), weight (vocab, dim), targets (N,) -> log p(target) (N,); float32, as above.
+        n_rows = h.shape[0]
+        buffer = torch.empty(min(chunk_rows, n_rows), weight.shape[0], device=h.device)  # (rows, vocab)
+        lse = torch.empty(n_rows, device=h.device)  # (N,) kept for backward
+        out = torch.empty(n_rows, device=h.device)
+        safe = targets.clamp(min=0)  # ignored rows read class 0; their output and gradient are zeroed
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            z = torch.mm(h[start:stop], weight.t(), out=buffer[: stop - start])  # (rows, vocab)
+            lse[start:stop] = torch.logsumexp(z, dim=1)
+            out[start:stop] = z.gather(1, safe[start:stop, None]).squeeze(1) - lse[start:stop]
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return out * (targets != IGNORE_INDEX)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight, targets, lse = ctx.saved_tensors
+        counted = targets != IGNORE_INDEX
+        g = (grad * counted)[:, None]  # (N, 1)
+        safe = targets.clamp(min=0)
+        want_h, want_w = ctx.needs_input_grad[:2]  # a frozen output projection (reward model, LoRA) needs no dW
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        buffer = torch.empty(min(ctx.chunk_rows, h.shape[0]), weight.shape[0], device=h.device)
+        for start in range(0, h.shape[0], ctx.chunk_rows):
+            stop = min(start + ctx.chunk_rows, h.shape[0])
+            hc, gc = h[start:stop], g[start:stop]
+            z = torch.mm(hc, weight.t(), out=buffer[: stop - start])  # (rows, vocab) logits again
+            z.sub_(lse[start:stop, None]).exp_().mul_(-gc)  # -g p
+            z[torch.arange(stop - start, device=z.device), safe[start:stop]] += gc.squeeze(1)  # + g onehot
+            if want_h:
+                torch.mm(z, weight, out=grad_h[start:stop])  # (rows, dim)
+            if want_w:
+                grad_w.addmm_(z.t(), hc)  # (vocab, dim)
+        return grad_h, grad_w, None, None
+
+
+def linear_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256
+                    ) -> torch.Tensor:
+    """log_softmax(h @ weight^T)[target] per row, never holding more than (chunk_rows, vocab) logits.
+
+    h (..., dim), weight (vocab, dim), targets (...) -> float32 (...); IGNORE_INDEX targets give 0.
+    """
+    h2 = h.reshape(-1, h.shape[-1]).float()  # (N, dim)
+    with torch.autocast(h.device.type, enabled=False):
+        out = _LinearLogprobs.apply(h2, weight.float(), targets.reshape(-1), max(1, chunk_rows))
+    return out.view(targets.shape)
+
+
+def sequence_logprobs(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256
+                      ) -> torch.Tensor:
+    """Per-token log p(targets | tokens) (B, T) float32 of a whole Transformer; IGNORE_INDEX targets give 0.
+
+    tokens (B, T) are the inputs and targets (B, T) the tokens each position should predict (usually
+    tokens shifted by one). Sum over T (masking the prompt with IGNORE_INDEX) for a sequence's log-likelihood.
+    """
+    h = model.hidden(tokens)  # (B, T, dim) final-norm hidden states
+    return linear_logprobs(h, output_weight(model), targets, chunk_rows)
+
+
 def reference_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The plain path: full float32 logits from the model's own forward, then cross-entropy."""
     logits = model(inputs)  # (B, T, vocab) float32
@@ -132,14 +184,14 @@ def build_loss(model: nn.Module, chunk_rows: int, compile: bool = False, backend
         return lambda x, y: reference_loss(model, x, y)
 
     def trunk(tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return final_hidden(model, tokens, cos, sin)
+        return model.hidden(tokens, rope=(cos, sin))  # (B, T, dim)
 
     # The rotary tables are computed outside the compiled graph: inside it, inductor fuses cos/sin into
     # every consumer and recomputes them per (B, T, head) element in each layer, forward and backward.
     hidden = torch.compile(trunk, fullgraph=True, backend=backend) if compile else trunk
 
     def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        h = hidden(inputs, *rope_tables(model, inputs))  # (B, T, dim)
+        h = hidden(inputs, *model.rope_tables(inputs.shape[1], device=inputs.device))  # (B, T, dim)
         return linear_cross_entropy(h, output_weight(model), targets, chunk_rows)
 
     return loss

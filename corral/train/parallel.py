@@ -34,9 +34,8 @@ AC_MODES = ("none", "full", "selective")
 
 
 def blocks(model: nn.Module) -> Iterator[nn.Module]:
-    """The transformer blocks of a whole model (ModuleList) or of a pipeline stage (ModuleDict)."""
-    layers = model.layers
-    return iter(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+    """The transformer blocks of a whole model or of a pipeline stage (Transformer.blocks)."""
+    return iter(model.blocks())
 
 
 # --- tensor parallel -----------------------------------------------------------------------

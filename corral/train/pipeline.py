@@ -7,8 +7,9 @@ bounds live activations to pp microbatches) moves (mb, T, dim) activations betwe
 neighbouring stages. Gradients are divided by the number of microbatches, so with a loss
 that is the mean over a microbatch the result equals one process on the whole batch.
 
-The stage module keeps the whole model's parameter names (``layers.5.attention.wq.weight``),
-so checkpoints written by stages merge into the plain model's state dict.
+A stage is the Transformer itself, pruned (as torchtitan does): it keeps the whole model's parameter
+names (``layers.5.attention.wq.weight``), so checkpoints written by stages merge into the plain model's
+state dict, and it runs the model's own forward.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from corral.errors import ConfigError
 from corral.model.llama import Transformer
-from corral.model.rope import rope_angles, rope_frequencies
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -42,31 +42,20 @@ def split_layers(n_layers: int, n_stages: int) -> list[range]:
     return bounds
 
 
-class StageModule(nn.Module):
-    """Blocks `layer_ids` of a Transformer, with the embedding if first and norm/output if last."""
+def prune_to_stage_(model: Transformer, layer_ids: range, first: bool, last: bool) -> Transformer:
+    """Keep blocks ``layer_ids`` of ``model``, the embedding if first and norm/output if last; in place.
 
-    def __init__(self, model: Transformer, layer_ids: range, first: bool, last: bool):
-        super().__init__()
-        if last and model.output is None:
-            raise ConfigError("pipeline parallelism needs an untied output projection (tie_embeddings=false)")
-        self.config = model.config
-        self.tok_embeddings = model.tok_embeddings if first else None
-        # A ModuleDict keyed by the original index keeps the names "layers.{i}.*".
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
-        self.norm = model.norm if last else None
-        self.output = model.output if last else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """First stage: token ids (mb, T); others: hidden states (mb, T, dim).
-        Last stage returns float32 logits (mb, T, vocab), the others hidden states (mb, T, dim)."""
-        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # (mb, T, dim)
-        positions = torch.arange(h.shape[1], device=h.device)
-        cos, sin = rope_angles(rope_frequencies(self.config, h.device), positions)  # (T, head_dim/2)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, None, None, 0)
-        if self.norm is None:
-            return h
-        return F.linear(self.norm(h), self.output.weight).float()
+    The stage is the same Transformer with the rest removed (Transformer.hidden skips what is None), and
+    its blocks sit in a ModuleDict keyed by their index, so names stay ``layers.{i}.*``.
+    """
+    if last and model.output is None:
+        raise ConfigError("pipeline parallelism needs an untied output projection (tie_embeddings=false)")
+    model.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
+    if not first:
+        model.tok_embeddings = None
+    if not last:
+        model.norm, model.output = None, None
+    return model
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -76,8 +65,8 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 @dataclass
 class Pipeline:
-    module: StageModule
-    """This rank's stage; optimize its parameters, apply TP/AC/compile/FSDP to it like a model."""
+    module: Transformer
+    """This rank's stage (a pruned Transformer); optimize it, transform it (TP/AC/compile/FSDP) like a model."""
     schedule: object
     """A torch.distributed.pipelining schedule over one stage per rank."""
     pp_mesh: DeviceMesh
@@ -85,15 +74,15 @@ class Pipeline:
     is_last: bool
 
 
-def build_stage_module(model: Transformer, pp_mesh: DeviceMesh) -> StageModule:
-    """This rank's stage of `model` (call before TP/AC/compile/FSDP, which then apply to the stage)."""
+def build_stage_module(model: Transformer, pp_mesh: DeviceMesh) -> Transformer:
+    """Prune `model` to this rank's stage (call before TP/AC/compile/FSDP, which then apply to the stage)."""
     n_stages, rank = pp_mesh.size(), pp_mesh.get_local_rank()
     ranges = split_layers(model.config.n_layers, n_stages)
-    return StageModule(model, ranges[rank], first=rank == 0, last=rank == n_stages - 1)
+    return prune_to_stage_(model, ranges[rank], first=rank == 0, last=rank == n_stages - 1)
 
 
 def build_pipeline(
-    stage_module: StageModule,
+    stage_module: Transformer,
     pp_mesh: DeviceMesh,
     n_microbatches: int,
     schedule: str = "1f1b",

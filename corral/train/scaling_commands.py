@@ -100,23 +100,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if result["within_tolerance"] else 1
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``scaling`` (with sweep, fit and check) on the corral command's subparsers."""
-    scaling = sub.add_parser("scaling", help="scaling laws: sweep small models, fit L(N, D), check a larger run",
-                             description=__doc__.splitlines()[0])
-    steps = scaling.add_subparsers(dest="scaling_command", required=True, metavar="{sweep,fit,check}")
-    s = steps.add_parser("sweep", help="train the grid of small models", description=cmd_sweep.__doc__)
-    s.add_argument("config", help="scaling TOML, e.g. configs/scaling/tiny.toml")
-    s.add_argument("--dry-run", action="store_true", help="list the planned runs and exit")
-    s.set_defaults(handler=cmd_sweep)
-    for name, fn, text in (("fit", cmd_fit, "fit the law, draw it, predict the target"),
-                           ("check", cmd_check, "train the held-out target and report the prediction error")):
-        p = steps.add_parser(name, help=text, description=fn.__doc__)
-        p.add_argument("config", help="scaling TOML, e.g. configs/scaling/tiny.toml")
-        p.add_argument("--sweep", default=None, help="a sweep.json other than <out_dir>/sweep.json")
-        p.set_defaults(handler=fn)
-    steps.choices["fit"].add_argument("--plot", default=None, help="PNG path (default: <out_dir>/fit.png)")
-    check = steps.choices["check"]
-    check.add_argument("--tolerance", type=float, default=0.05,
-                       help="largest acceptable relative error; exit 1 beyond it (default: 0.05)")
-    check.add_argument("--retrain", action="store_true", help="train the target again even if check.json exists")
+def sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="scaling TOML, e.g. configs/scaling/tiny.toml")
+    p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit")
+
+
+def fit_arguments(p: argparse.ArgumentParser) -> None:
+    _config_and_sweep(p)
+    p.add_argument("--plot", default=None, help="PNG path (default: <out_dir>/fit.png)")
+
+
+def check_arguments(p: argparse.ArgumentParser) -> None:
+    _config_and_sweep(p)
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="largest acceptable relative error; exit 1 beyond it (default: 0.05)")
+    p.add_argument("--retrain", action="store_true", help="train the target again even if check.json exists")
+
+
+def _config_and_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="scaling TOML, e.g. configs/scaling/tiny.toml")
+    p.add_argument("--sweep", default=None, help="a sweep.json other than <out_dir>/sweep.json")

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.config import load_toml_config
 from corral.errors import ConfigError
-from corral.train.config import read_toml
 from corral.train.scaling import ScalingRun, load_runs, non_embedding_params, save_runs
 
 
@@ -51,21 +51,12 @@ class SweepConfig:
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """A SweepConfig from TOML; unknown keys and ill-typed values are ConfigErrors naming the key."""
-    raw = read_toml(path, "scaling config")
-    known = {f.name: f for f in dataclasses.fields(SweepConfig)}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"unknown scaling config key {key!r}; known: {', '.join(sorted(known))}")
-        want = {"list[str]": list, "list[float]": list, "list[dict]": list, "dict": dict, "str": str,
-                "int": int}[str(known[key].type)]
-        if not isinstance(value, want) or isinstance(value, bool):
-            raise ConfigError(f"scaling config {key} must be a {want.__name__}, got {type(value).__name__}")
-    config = SweepConfig(**raw)
+    config = load_toml_config(SweepConfig, path, what="scaling config")
     if config.tokenizer not in ("bytes", "llama3"):
         raise ConfigError(f"tokenizer must be bytes or llama3, got {config.tokenizer!r}")
     if not config.budgets or not config.models or not config.train or not config.val:
         raise ConfigError("a scaling config needs budgets, models, train and val")
-    if any(not isinstance(b, (int, float)) or b <= 0 for b in config.budgets):
+    if any(b <= 0 for b in config.budgets):
         raise ConfigError(f"budgets must be positive FLOP counts, got {config.budgets}")
     if config.target and "tokens" not in config.target:
         raise ConfigError("target needs `tokens` (training tokens of the held-out run) besides its model fields")
@@ -76,7 +67,7 @@ def byte_shards(sources: list[str], shard_dir: Path) -> list[str]:
     """Each text file as a shard of its UTF-8 bytes (ids 0..255), cached under its content digest."""
     import numpy as np
 
-    from corral.train.shards import write_shard
+    from corral.data.shards import write_shard
 
     out = []
     for source in sources:

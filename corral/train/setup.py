@@ -1,26 +1,51 @@
-"""Step 1-2 of a pretraining run: processes, seeds, data, the model and its parallel transforms."""
+"""Setting a run up, in named phases any objective composes (``setup`` is pretraining's composition):
+
+ 1. ``start_processes``: threads, device, the process group and device mesh under torchrun (or a lone process);
+ 2. the model: ``fresh_model`` (seeded init), ``model_from_file`` (any checkpoint corral.load reads) or
+    ``model_from_store`` (a name in the local model store), each a plain float32 Transformer on the device;
+ 3. ``parallelize_model``: pipeline stage (pp > 1), then TP -> AC -> compile -> FSDP (corral.train.parallel);
+ 4. ``build_optim``: AdamW and its warmup + cosine schedule.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from corral.data.tokenize import prepare_shards
 from corral.errors import ConfigError
+from corral.model.config import ModelConfig
 from corral.model.llama import Transformer, init_weights_
 from corral.train.config import PretrainConfig
 from corral.train.loader import TokenLoader
 from corral.train.optim import build_optimizer, build_scheduler
-from corral.train.pretrain import Run, _seed
-from corral.train.shards import prepare_shards
+from corral.train.run import Run, seed_everything
 
 # Dense bf16 peak TFLOP/s per device by name fragment (vendor datasheets), for MFU.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
 
-def _device_type(config: PretrainConfig) -> str:
+@dataclass
+class Processes:
+    """Where this process sits: its device, its ranks and the device mesh (None for one process)."""
+
+    device: torch.device
+    mesh: Any = None
+    rank: int = 0
+    world: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+
+
+# --- 1. processes ---------------------------------------------------------------------------
+
+
+def _device_type(config: Any) -> str:
     wanted = config.train.device
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,7 +54,90 @@ def _device_type(config: PretrainConfig) -> str:
     return wanted
 
 
-def peak_flops(config: PretrainConfig, device: torch.device) -> float:
+def start_processes(config: Any) -> Processes:
+    """Set torch's threads, pick the device and join torchrun's process group when there is one."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    device_type = _device_type(config)
+    p = config.parallel
+    mesh = None
+    if (p.dp, p.tp, p.pp) != (1, 1, 1) or "WORLD_SIZE" in os.environ:
+        from corral.train.mesh import build_mesh
+
+        mesh = build_mesh(p.dp, p.tp, p.pp, device_type)  # joins torchrun's process group
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    procs = Processes(device=device, mesh=mesh)
+    if dist.is_initialized():
+        procs.rank, procs.world = dist.get_rank(), dist.get_world_size()
+    if mesh is not None:
+        procs.dp_rank, procs.dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+    return procs
+
+
+# --- 2. the model ---------------------------------------------------------------------------
+
+
+def fresh_model(config: ModelConfig, device: torch.device, seed: int) -> Transformer:
+    """A new model with seeded normal(0, 0.02) weights (every generator is seeded first)."""
+    seed_everything(seed)
+    with torch.device(device):
+        return init_weights_(Transformer(config))
+
+
+def model_from_file(path: str | Path, device: torch.device) -> Transformer:
+    """Weights of a Meta, HF or GGUF checkpoint (content decides the format) as a float32 Transformer."""
+    from corral.checkpoint.load import load_checkpoint
+
+    ckpt = load_checkpoint(path, dtype=torch.float32)
+    with torch.device("meta"):
+        model = Transformer(ckpt.config)
+    model.load_state_dict({k: v.to(device) for k, v in ckpt.state_dict.items()}, assign=True)
+    return model
+
+
+def model_from_store(name: str, device: torch.device) -> Transformer:
+    """A model of the local store (``corral pull`` / ``corral create`` names) as a float32 Transformer."""
+    from corral.store.store import Store
+
+    return model_from_file(Store().model_path(name), device)
+
+
+# --- 3. parallel transforms -----------------------------------------------------------------
+
+
+def parallelize_model(model: Transformer, config: Any, mesh) -> tuple[Transformer, Any, Any]:
+    """Pipeline stage (if pp > 1), then TP -> AC -> compile -> FSDP; returns (module, pipeline, pp_mesh)."""
+    from corral.train.mesh import mesh_dim
+    from corral.train.parallel import parallelize
+
+    pp_mesh = mesh_dim(mesh, "pp")
+    module = model
+    if pp_mesh is not None:
+        from corral.train.pipeline import build_stage_module
+
+        module = build_stage_module(model, pp_mesh)
+    dtype = torch.bfloat16 if config.train.dtype == "bfloat16" and mesh_dim(mesh, "dp") is not None else None
+    # One process compiles the whole trunk as one graph in the loss instead of each block here.
+    parallelize(module, mesh, ac=config.train.activation_checkpointing,
+                compile=config.train.compile and mesh is not None, param_dtype=dtype)
+    pipe = None
+    if pp_mesh is not None:
+        from corral.train.pipeline import build_pipeline
+
+        pipe = build_pipeline(module, pp_mesh, config.parallel.pp_microbatches, config.parallel.pp_schedule)
+    return module, pipe, pp_mesh
+
+
+# --- 4. optimizer ---------------------------------------------------------------------------
+
+
+def build_optim(module: torch.nn.Module, config: Any, mesh) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (fused on one process) and its learning-rate schedule over train.steps."""
+    optimizer = build_optimizer(module, config.optim, fused=mesh is None)
+    return optimizer, build_scheduler(optimizer, config.optim, config.train.steps)
+
+
+def peak_flops(config: Any, device: torch.device) -> float:
     """One device's peak FLOP/s: the config's value, a GPU table, or a rough CPU estimate."""
     if config.train.peak_tflops > 0:
         return config.train.peak_tflops * 1e12
@@ -43,20 +151,13 @@ def peak_flops(config: PretrainConfig, device: torch.device) -> float:
     return torch.get_num_threads() * 32 * 2.5e9
 
 
-def flops_per_token(config: PretrainConfig) -> float:
+def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     """6 x matmul parameters (forward + backward) + attention scores (PaLM, arXiv 2204.02311 appendix B)."""
-    m = config.model
-    matmul_params = m.num_params() - (0 if m.tie_embeddings else m.vocab_size * m.dim)  # the lookup is free
-    return 6.0 * matmul_params + 12.0 * m.n_layers * m.dim * config.data.seq_len
+    matmul_params = model.num_params() - (0 if model.tie_embeddings else model.vocab_size * model.dim)  # lookup free
+    return 6.0 * matmul_params + 12.0 * model.n_layers * model.dim * seq_len
 
 
-def _mesh(config: PretrainConfig, device_type: str):
-    p = config.parallel
-    if (p.dp, p.tp, p.pp) == (1, 1, 1) and "WORLD_SIZE" not in os.environ:
-        return None
-    from corral.train.mesh import build_mesh
-
-    return build_mesh(p.dp, p.tp, p.pp, device_type)  # joins torchrun's process group
+# --- pretraining's composition --------------------------------------------------------------
 
 
 def _shards(config: PretrainConfig, sources: list[str], rank: int) -> list[Path]:
@@ -80,31 +181,8 @@ def _check_pipeline(config: PretrainConfig) -> None:
                               f"parallel.pp_microbatches={config.parallel.pp_microbatches}")
 
 
-def _parallel_model(model: Transformer, config: PretrainConfig, mesh):
-    """Pipeline stage (if pp > 1), then TP -> AC -> compile -> FSDP; returns (module, pipeline, pp_mesh)."""
-    from corral.train.mesh import mesh_dim
-    from corral.train.parallel import parallelize
-
-    pp_mesh = mesh_dim(mesh, "pp")
-    module = model
-    if pp_mesh is not None:
-        from corral.train.pipeline import build_stage_module
-
-        module = build_stage_module(model, pp_mesh)
-    dtype = torch.bfloat16 if config.train.dtype == "bfloat16" and mesh_dim(mesh, "dp") is not None else None
-    # One process compiles the whole trunk as one graph in _loss_fn instead of each block here.
-    parallelize(module, mesh, ac=config.train.activation_checkpointing,
-                compile=config.train.compile and mesh is not None, param_dtype=dtype)
-    pipe = None
-    if pp_mesh is not None:
-        from corral.train.pipeline import build_pipeline
-
-        pipe = build_pipeline(module, pp_mesh, config.parallel.pp_microbatches, config.parallel.pp_schedule)
-    return module, pipe, pp_mesh
-
-
-def _loss_fn(module, config: PretrainConfig, mesh):
-    """loss(inputs, targets) for train_step and evaluate (a pipeline computes its loss in its last stage)."""
+def pretrain_loss(module, config: PretrainConfig, mesh):
+    """loss(inputs, targets) for training and evaluation (a pipeline computes its loss in its last stage)."""
     from corral.train.loss import build_loss, reference_loss
 
     if mesh is not None:
@@ -115,49 +193,23 @@ def _loss_fn(module, config: PretrainConfig, mesh):
 
 
 def setup(config: PretrainConfig) -> Run:
-    """Everything a run needs, on this rank."""
+    """Everything a pretraining run needs, on this rank: the phases above plus the token loaders."""
     if not config.data.train:
         raise ConfigError("data.train is empty: name at least one text, JSONL or shard source")
     _check_pipeline(config)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    device_type = _device_type(config)
-    mesh = _mesh(config, device_type)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    dp_rank, dp_size = 0, 1
-    if mesh is not None:
-        dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
-    train_shards = _shards(config, config.data.train, rank)
-    val_shards = _shards(config, config.data.val, rank) if config.data.val else []
-    loader = TokenLoader(train_shards, config.data.seq_len, config.data.batch_size, rank=dp_rank,
-                         world_size=dp_size, seed=config.data.seed)
-    val_loader = TokenLoader(val_shards, config.data.seq_len, config.data.batch_size, rank=dp_rank,
-                             world_size=dp_size, shuffle=False) if val_shards else None
-    _seed(config.train.seed)
-    with torch.device(device):
-        model = init_weights_(Transformer(config.model))
+    procs = start_processes(config)
+    train_shards = _shards(config, config.data.train, procs.rank)
+    val_shards = _shards(config, config.data.val, procs.rank) if config.data.val else []
+    loader = TokenLoader(train_shards, config.data.seq_len, config.data.batch_size, rank=procs.dp_rank,
+                         world_size=procs.dp_size, seed=config.data.seed)
+    val_loader = TokenLoader(val_shards, config.data.seq_len, config.data.batch_size, rank=procs.dp_rank,
+                             world_size=procs.dp_size, shuffle=False) if val_shards else None
+    model = fresh_model(config.model, procs.device, config.train.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    module, pipe, pp_mesh = _parallel_model(model, config, mesh)
-    optimizer = build_optimizer(module, config.optim, fused=mesh is None)
-    scheduler = build_scheduler(optimizer, config.optim, config.train.steps)
+    module, pipe, pp_mesh = parallelize_model(model, config, procs.mesh)
+    optimizer, scheduler = build_optim(module, config, procs.mesh)
     return Run(config=config, model=module, optimizer=optimizer, scheduler=scheduler, loader=loader,
-               val_loader=val_loader, device=device, rank=rank, world=world, dp_size=dp_size, pipe=pipe,
-               pp_mesh=pp_mesh, loss_fn=_loss_fn(module, config, mesh), n_params=n_params,
-               flops_per_token=flops_per_token(config), peak_flops=peak_flops(config, device))
-
-
-def resume_path(config: PretrainConfig) -> Path | None:
-    """The checkpoint to resume from: none, the newest committed one ("auto"), or a named path."""
-    from corral.train.state import latest_checkpoint, resolve_checkpoint
-
-    resume = config.checkpoint.resume
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(Path(config.out_dir) / "checkpoints")
-    path = Path(resume)
-    if not path.exists():
-        raise ConfigError(f"checkpoint.resume: {path} does not exist")
-    return resolve_checkpoint(path)
+               val_loader=val_loader, device=procs.device, rank=procs.rank, world=procs.world,
+               dp_size=procs.dp_size, pipe=pipe, pp_mesh=pp_mesh, loss_fn=pretrain_loss(module, config, procs.mesh),
+               n_params=n_params, flops_per_token=flops_per_token(config.model, config.data.seq_len),
+               peak_flops=peak_flops(config, procs.device))

@@ -10,10 +10,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from corral import bench_runtimes as runtimes
-from corral import benchmark as bench
-from corral.benchmark import BenchSpec, ChildResult
-from corral.checkpoint.gguf import expected_shapes
+from corral.bench import harness as bench
+from corral.bench import runtimes
+from corral.bench.runtimes import BenchSpec, ChildResult
+from corral.checkpoint.base import weight_shapes
 from corral.checkpoint.gguf_write import export_gguf
 from corral.model.config import ModelConfig
 from corral.tokenizer.bpe import byte_to_unicode
@@ -38,7 +38,7 @@ def tiny_tokenizer_meta() -> dict:
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
-    state = {name: torch.randn(shape, generator=gen) * 0.1 for name, shape in expected_shapes(TINY).items()}
+    state = {name: torch.randn(shape, generator=gen) * 0.1 for name, shape in weight_shapes(TINY).items()}
     for name in state:
         if name.endswith("norm.weight"):
             state[name] = torch.ones_like(state[name])
@@ -146,12 +146,10 @@ def test_unknown_quant_and_runtime_are_refused_by_the_parser():
             parser.parse_args(bad)
 
 
-def test_add_parsers_registers_bench_with_a_handler():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true")
-    parser = argparse.ArgumentParser()
-    bench.add_parsers(parser.add_subparsers(dest="command"), [common])
-    args = parser.parse_args(["bench", "model.gguf", "--runs", "1", "--json", "--debug"])
+def test_cli_registers_bench_with_its_handler():
+    from corral.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "model.gguf", "--runs", "1", "--json", "--debug"])
     assert args.handler is bench.cmd_bench
     assert (args.model, args.runs, args.json, args.debug) == ("model.gguf", 1, True, True)
     assert args.runtimes == ["corral", "llamacpp", "transformers"] and args.corral_quant == ["gguf"]

@@ -16,7 +16,8 @@ from gguf.quants import quantize as ref_quantize
 from gguf_fixtures import GGML_Q2_K, small_valid, smollm2_path, tensor_info
 from gguf_fixtures import build as build_bytes
 
-from corral.checkpoint.gguf import GGUF_TO_META, expected_shapes, load_gguf, meta_name, read_gguf
+from corral.checkpoint.base import weight_shapes
+from corral.checkpoint.gguf import GGUF_TO_META, load_gguf, meta_name, read_gguf
 from corral.checkpoint.gguf_dequant import dequantize
 from corral.checkpoint.gguf_write import _rope_divisors, export_gguf, gguf_name
 from corral.errors import ConfigError, FormatError
@@ -30,7 +31,7 @@ SCALED = dataclasses.replace(PLAIN, use_scaled_rope=True, tie_embeddings=True, m
 
 def random_state(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) for k, s in expected_shapes(config).items()}
+    return {k: torch.randn(s, generator=g) for k, s in weight_shapes(config).items()}
 
 
 def same_model(a: ModelConfig, b: ModelConfig) -> bool:

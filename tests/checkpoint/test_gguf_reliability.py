@@ -261,10 +261,10 @@ EXTREME = [0, 1, 2**7, 2**8 - 1, 2**15, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**6
 def _tiny_model_bytes(tmp_path_factory) -> bytes:
     config = ModelConfig(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=4, ffn_hidden_dim=8, max_seq_len=16,
                          use_scaled_rope=True)
-    from corral.checkpoint.gguf import expected_shapes
+    from corral.checkpoint.base import weight_shapes
 
     g = torch.Generator().manual_seed(0)
-    state = {k: torch.randn(s, generator=g) for k, s in expected_shapes(config).items()}
+    state = {k: torch.randn(s, generator=g) for k, s in weight_shapes(config).items()}
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
     export_gguf(config, state, path, metadata={"tokenizer.ggml.tokens": ["a", "b", "c", "d"]})
     return path.read_bytes()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from corral.checkpoint.meta import export_meta, load_meta, meta_shapes, read_pth
+from corral.checkpoint.base import weight_shapes
+from corral.checkpoint.meta import export_meta, load_meta, read_pth
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
 
@@ -18,7 +19,7 @@ TIED = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, m
 
 def _random_state(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shape, generator=gen) for k, shape in meta_shapes(config).items()}
+    return {k: torch.randn(shape, generator=gen) for k, shape in weight_shapes(config).items()}
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

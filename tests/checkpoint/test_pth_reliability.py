@@ -15,7 +15,8 @@ import torch
 from hypothesis import given, settings
 from mutations import mutated_bytes
 
-from corral.checkpoint.meta import export_meta, load_meta, meta_shapes, read_pth
+from corral.checkpoint.base import weight_shapes
+from corral.checkpoint.meta import export_meta, load_meta, read_pth
 from corral.errors import FormatError
 from corral.model.config import ModelConfig
 
@@ -34,7 +35,7 @@ class WritesMarker:
 
 def _tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=gen) for k, s in meta_shapes(TINY).items()}
+    return {k: torch.randn(s, generator=gen) for k, s in weight_shapes(TINY).items()}
 
 
 def _meta_dir(directory: Path, payload: object, **save_kwargs) -> Path:
@@ -110,7 +111,7 @@ def test_mutated_pth_gives_only_format_error(content):
         except FormatError as exc:
             assert exc.path is not None
         else:
-            assert {k: tuple(t.shape) for k, t in ckpt.state_dict.items()} == meta_shapes(TINY)
+            assert {k: tuple(t.shape) for k, t in ckpt.state_dict.items()} == weight_shapes(TINY)
             for t in ckpt.state_dict.values():
                 t.sum()  # every mapped page is readable
         assert time.perf_counter() - start < 1.0

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mutations import mutated_bytes
 
+from corral.checkpoint.base import weight_shapes
 from corral.checkpoint.hf import export_hf, load_hf
-from corral.checkpoint.meta import meta_shapes
 from corral.checkpoint.safetensors_io import (
     read_header,
     read_safetensors,
@@ -261,7 +261,7 @@ TINY = ModelConfig(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, mu
 def _tiny_hf_dir() -> tuple[bytes, bytes]:
     with tempfile.TemporaryDirectory() as d:
         gen = torch.Generator().manual_seed(1)
-        state = {k: torch.randn(s, generator=gen) for k, s in meta_shapes(TINY).items()}
+        state = {k: torch.randn(s, generator=gen) for k, s in weight_shapes(TINY).items()}
         export_hf(TINY, state, d)
         return (Path(d) / "config.json").read_bytes(), (Path(d) / "model.safetensors").read_bytes()
 
@@ -280,5 +280,5 @@ def test_mutated_hf_weights_give_only_format_error_from_load_hf(content):
         except FormatError:
             pass
         else:
-            assert len(ckpt.state_dict) == len(meta_shapes(TINY))
+            assert len(ckpt.state_dict) == len(weight_shapes(TINY))
         assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]

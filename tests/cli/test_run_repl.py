@@ -19,9 +19,14 @@ def _env(home):
             "TERM": "dumb"}
 
 
+# Generous on purpose (issue 14 item 22): on a loaded 2-core machine a process start plus a model load took
+# longer than 120 s. A passing run never waits for these; only a hung one does.
+TIMEOUT_S = 600
+
+
 def spawn(home, *args):
     return pexpect.spawn(sys.executable, ["-m", "corral.cli", "run", *args], env=_env(home), encoding="utf-8",
-                         timeout=120, dimensions=(40, 200))
+                         timeout=TIMEOUT_S, dimensions=(40, 200))
 
 
 @pytest.fixture
@@ -48,10 +53,10 @@ def test_repl_streams_sets_parameters_stops_on_ctrl_c_and_exits_on_bye(tiny_home
         child.sendline(f'hello there {attempt}"""')
         child.expect_exact(f'hello there {attempt}"""')
         chunks = []
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + TIMEOUT_S
         while len(chunks) < 3 and time.monotonic() < deadline:  # text keeps arriving while the answer runs
             try:
-                chunks.append(child.read_nonblocking(4096, timeout=5))
+                chunks.append(child.read_nonblocking(4096, timeout=20))
             except pexpect.TIMEOUT:
                 break
         assert chunks, "no answer text arrived"
@@ -101,7 +106,7 @@ def test_ctrl_c_at_the_prompt_keeps_the_session_and_load_switches_models(tiny_ho
 @pytest.mark.slow
 def test_one_shot_answers_a_piped_prompt(tiny_home):
     proc = subprocess.run([sys.executable, "-m", "corral.cli", "run", "tiny"], input="Say hi\n",
-                          capture_output=True, text=True, env=_env(tiny_home), timeout=120)
+                          capture_output=True, text=True, env=_env(tiny_home), timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
 
@@ -109,7 +114,6 @@ def test_one_shot_answers_a_piped_prompt(tiny_home):
 @pytest.mark.slow
 def test_repl_with_the_default_model_answers_paris(home):
     child = spawn(home)  # no name: smollm2:135m, registered on first use
-    child.timeout = 300
     child.expect_exact(">>> ")
     child.sendline("/set parameter temperature 0")
     child.expect_exact(">>> ")

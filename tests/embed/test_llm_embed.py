@@ -9,7 +9,7 @@ import torch
 
 import corral
 from corral.embed import EmbedInputError, embed_with_llm
-from corral.embed.llm_embed import final_hidden_states, pooled_batch
+from corral.embed.llm_embed import pooled_batch
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -37,7 +37,7 @@ def test_hidden_states_reproduce_the_model_logits(llm):
     # The model's own forward is the oracle: projecting our states must give its logits.
     ids = torch.tensor([llm.tokenizer.encode(TEXTS[0], bos=llm.add_bos)])
     with torch.inference_mode():
-        h = final_hidden_states(llm.model, ids)  # (1, T, dim)
+        h = llm.model.hidden(ids).float()  # (1, T, dim)
         logits = llm.model(ids)
         head = llm.model.tok_embeddings.weight if llm.model.output is None else llm.model.output.weight
         assert (h @ head.float().T - logits).abs().max().item() < 1e-4
@@ -112,3 +112,19 @@ def test_gguf_native_default_embeds_close_to_float32(llm):
     native = embed_with_llm(corral.load(), texts)  # corral.load()'s default for a GGUF: its own Q4_1 blocks
     cosine = (native * embed_with_llm(llm, texts)).sum(-1)
     assert native.shape == (3, llm.config.dim) and bool((cosine > 0.99).all()), cosine
+
+
+def test_stop_ends_an_embedding_within_a_layer_and_changes_nothing_otherwise(llm, embedded):
+    """RELIABILITY 42: stop() is asked at every layer; True raises EmbedCancelled at once."""
+    from corral.embed.llm_embed import EmbedCancelled
+
+    asked = []
+
+    def stop_at_third() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    with pytest.raises(EmbedCancelled):
+        embed_with_llm(llm, TEXTS, stop=stop_at_third)
+    assert len(asked) == 3  # layer 3 of the first batch, of the model's many
+    assert torch.equal(embed_with_llm(llm, TEXTS, stop=lambda: False), embedded)

@@ -182,3 +182,40 @@ def test_engine_constraint_masks_every_step_and_ends_when_complete(model):
     assert [r.output for r in reqs] == [wanted, wanted]
     assert [r.finish_reason for r in reqs] == ["stop", "stop"]
     assert free.output == reference(model, PROMPTS[1])
+
+
+class PausedPrefill:
+    """Wraps a model: a forward over more than one token signals `started`, then waits for `go` (so a test can
+    cancel while a prefill is in flight), then runs the real model."""
+
+    def __init__(self, model):
+        import threading
+
+        self.model, self.started, self.go = model, threading.Event(), threading.Event()
+
+    def __call__(self, tokens, *args, **kwargs):
+        if tokens.shape[1] > 1:
+            self.started.set()
+            assert self.go.wait(30)
+        return self.model(tokens, *args, **kwargs)
+
+
+def test_cancel_reaches_a_prefill_in_flight(model):
+    """RELIABILITY 42: a client that leaves during prefill stops it at the next layer, not after the forward."""
+    engine = Engine(model, max_batch_size=2)
+    engine.model = PausedPrefill(model)
+    sched = Scheduler(engine, max_queue=4)
+    try:
+        ticket = sched.submit(list(range(1, 200)), SamplingParams(temperature=0, max_new_tokens=8, n=2))
+        assert engine.model.started.wait(30)
+        ticket.cancel()
+        engine.model.go.set()
+        events = list(ticket.iter_events(timeout=30))
+        assert [e.finish_reason for e in events] == ["cancelled", "cancelled"]
+        assert all("prefill_s" not in r.timings and not r.output for r in ticket.requests)
+        assert engine.kept == [[], []] and sched.active == 0 and sched.running == 0
+        engine.model = model  # the next request runs normally on the freed slot
+        out = sched.submit([5, 6, 7], GREEDY).iter_events(timeout=30)
+        assert [e.token for e in out if e.token >= 0] == reference(model, [5, 6, 7])
+    finally:
+        sched.close()

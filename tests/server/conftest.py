@@ -51,14 +51,15 @@ class LiveServer:
         self.thread.join(30)
 
 
-ROUTERS = tuple(r for r in os.environ.get("CORRAL_TEST_ROUTERS", "corral.server.ollama,corral.server.web").split(",")
-                if r)
+# The routers the shared server includes (server.app.ROUTERS names; default: all of them).
+ROUTERS = tuple(r for r in os.environ.get("CORRAL_TEST_ROUTERS", "openai,responses,ollama,web").split(",") if r)
 
 
 def start_server(home, **overrides) -> LiveServer:
     import uvicorn
 
     from corral.server.app import build_app
+    from corral.server.connections import uvicorn_config
     from corral.server.state import ServeConfig, ServerState
     from corral.store import Store
 
@@ -71,8 +72,7 @@ def start_server(home, **overrides) -> LiveServer:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config.port = port
-    server = uvicorn.Server(uvicorn.Config(build_app(state, ROUTERS), log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(build_app(state, ROUTERS), config, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -86,8 +86,8 @@ def start_server(home, **overrides) -> LiveServer:
 @pytest.fixture(scope="session")
 def corral_home(tmp_path_factory):
     """A store with the embedded model registered once for the whole session."""
-    from corral.repl import ensure_default
     from corral.store import Store
+    from corral.store.load import ensure_default
 
     home = tmp_path_factory.mktemp("corral_home")
     old = os.environ.get("CORRAL_HOME")

@@ -69,7 +69,8 @@ def test_pull_from_another_server_by_name_and_by_url(servers, tmp_path):
     assert finished == Store(tmp_path / "a").read_manifest("tiny").digests()
     assert manifest_bytes(tmp_path / "b", name) == manifest_bytes(tmp_path / "a", "tiny")
     assert c.pull(f"{a.url}/tiny", stream=False).status == "success"
-    assert {m.model for m in c.list().models} == {name, "tiny:latest"}
+    # the embedded model is listed on a fresh store too (issue 14 item 15)
+    assert {m.model for m in c.list().models} == {name, "tiny:latest", "smollm2:135m"}
     assert Store(tmp_path / "b").verify() == []
 
 
@@ -105,7 +106,9 @@ def test_failed_pulls_are_errors_and_store_nothing(servers, tmp_path):
     with pytest.raises(ollama.ResponseError) as e:
         c.pull("tiny")
     assert e.value.status_code == 400 and "names no server" in e.value.error
-    assert c.list().models == [] and not (tmp_path / "b" / "models" / "blobs").exists()
+    # only the embedded model, listed from its package file without storing it (issue 14 item 15)
+    assert [m.model for m in c.list().models] == ["smollm2:135m"]
+    assert not (tmp_path / "b" / "models" / "blobs").exists()
 
 
 def test_registry_refuses_bad_digests_and_blobs_that_do_not_match(servers, tmp_path):
@@ -161,8 +164,11 @@ def test_create_quantizes_and_reads_the_older_modelfile_shape(servers, tmp_path)
     with read_gguf(store.model_path("tiny-q8")) as g:
         assert g.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
     assert store.info("tiny-q8").system == "Be brief."  # the base's SYSTEM carried over
+    assert c.create(model="tiny-q4km", from_="tiny", quantize="q4_K_M").status == "success"  # Ollama's spelling
+    with read_gguf(store.model_path("tiny-q4km")) as g:
+        assert g.metadata["general.file_type"] == 15  # llama.cpp's MOSTLY_Q4_K_M
     with pytest.raises(ollama.ResponseError) as e:
-        c.create(model="tiny-x", from_="tiny", quantize="q4_K_M")
+        c.create(model="tiny-x", from_="tiny", quantize="q3_K_S")
     assert e.value.status_code == 400 and "quantize" in e.value.error
     with httpx.Client(base_url=a.url) as h:
         r = h.post("/api/create", json={"model": "old", "modelfile": "FROM tiny\nSYSTEM Old style.", "stream": False})

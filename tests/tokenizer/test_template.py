@@ -8,7 +8,7 @@ import pytest
 from corral.errors import ChatFormatError
 from corral.tokenizer import load_bpe_from_gguf_metadata, load_llama3_tokenizer
 from corral.tokenizer.chat_format import ChatFormat, Message, ToolCall
-from corral.tokenizer.template import JinjaChatFormat, compile_template, render_template
+from corral.tokenizer.template import JinjaChatFormat, compile_template, render_template, template_chat_format
 
 IM_START, IM_END = 1, 2  # SmolLM2's <|im_start|> / <|im_end|>
 
@@ -203,3 +203,12 @@ def test_parse_reply_reads_tool_calls_jinja(smol):
     msg = smol.parse_reply('<function=f>{"a": 1}</function>')
     assert msg.tool_calls == [ToolCall("f", {"a": 1})]
     assert smol.parse_reply("Hello there.<|im_end|>") == Message("assistant", "Hello there.")
+
+
+def test_template_chat_format_names_the_tokenizers_bos_and_eos_and_stops_at_end_of_turn(smol_metadata, smol_tok):
+    """The one constructor every template goes through (GGUF, Modelfile TEMPLATE, Ollama request)."""
+    fmt = template_chat_format("{{ bos_token }}|{{ eos_token }}", smol_tok)
+    assert (smol_tok.bos_id, smol_tok.eos_id) == (IM_START, IM_END)
+    assert fmt.render([]) == "<|im_start|>|<|im_end|>"
+    assert fmt.stop_ids == {IM_END}
+    assert template_chat_format("x", smol_tok, stop_ids=[7]).stop_ids == {7}  # a loaded model's own stops

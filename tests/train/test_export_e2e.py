@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 from train_fixtures import REPO
 
 from corral.checkpoint.load import load_checkpoint
-from corral.train.commands import add_parsers
+from corral.cli import main
 from corral.train.config import load_config
 from corral.train.pretrain import run_pretrain
 
@@ -29,12 +28,9 @@ def test_debug_style_run_exports_and_generates(tmp_path):
         "--checkpoint.every=0", "--train.progress=false", "--train.tensorboard=false"])
     result = run_pretrain(config)
     assert result.steps == 3 and result.final_val_loss is not None
-    parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers())
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for fmt, out in (("meta", tmp_path / "meta"), ("hf", tmp_path / "hf"), ("gguf", tmp_path / "model.gguf")):
-        args = parser.parse_args(["export", str(tmp_path / "run"), str(out), "--format", fmt])
-        assert args.handler(args) == 0
+        assert main(["export", str(tmp_path / "run"), str(out), "--format", fmt]) == 0
         ckpt = load_checkpoint(out)
         assert ckpt.format == fmt and ckpt.config.dim == 32 and ckpt.config.vocab_size == 128256
     # The whole path a user takes: the exported directory through the CLI (one format; each load costs seconds).

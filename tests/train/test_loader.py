@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from corral.data.shards import write_shard
 from corral.errors import ConfigError
 from corral.train.config import OptimConfig
 from corral.train.loader import TokenLoader
 from corral.train.optim import lr_factor
-from corral.train.shards import write_shard
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from train_fixtures import tiny_config, write_tiny_data
 from corral.errors import ConfigError
 from corral.model.config import ModelConfig
 from corral.model.llama import Transformer, init_weights_
-from corral.train.loss import build_loss, final_hidden, linear_cross_entropy, output_weight, rope_tables
-from corral.train.pretrain import read_metrics, run_pretrain
+from corral.train.loop import read_metrics
+from corral.train.loss import build_loss, linear_cross_entropy, linear_logprobs, output_weight, sequence_logprobs
+from corral.train.pretrain import run_pretrain
 
 
 def _problem(rows_per_seq: int = 13, vocab: int = 50):
@@ -55,11 +56,13 @@ def test_linear_cross_entropy_without_grad_builds_no_graph():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_final_hidden_then_output_projection_equals_model_forward(tied):
+def test_hidden_then_output_projection_equals_model_forward(tied):
+    # The loss projects model.hidden's states itself, with precomputed rotary tables; both must give forward's logits.
     model = _tiny_model(tied)
     tokens = torch.randint(0, 64, (2, 12))
-    hidden = final_hidden(model, tokens, *rope_tables(model, tokens))  # (B, T, dim)
+    hidden = model.hidden(tokens, rope=model.rope_tables(12))  # (B, T, dim)
     assert torch.equal(F.linear(hidden, output_weight(model)), model(tokens))
+    assert torch.equal(model.hidden(tokens), hidden)
 
 
 def test_chunked_loss_run_matches_reference_loss_run(tmp_path):
@@ -91,3 +94,38 @@ def test_compiled_trunk_loss_matches_eager_loss_and_gradients():
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, want[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 8, 1000])
+def test_linear_logprobs_match_log_softmax_and_its_gradients(chunk_rows):
+    h, w, targets = _problem()
+    logp = F.log_softmax(F.linear(h, w), dim=-1)  # (B, T, vocab): the plain reference
+    ref = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets != -100)
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))  # any incoming gradient
+    (ref * weights).sum().backward()
+    want_h, want_w = h.grad, w.grad
+    h.grad = w.grad = None
+    got = linear_logprobs(h, w, targets, chunk_rows)
+    (got * weights).sum().backward()
+    assert got.shape == targets.shape and got[0, 2] == 0  # an ignored position gives 0
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(h.grad, want_h, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(w.grad, want_w, rtol=1e-4, atol=1e-6)
+    assert h.grad[0, 2].abs().max() == 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sequence_logprobs_equal_log_softmax_of_model_logits(tied):
+    model = _tiny_model(tied)
+    tokens = torch.randint(0, 64, (2, 12))
+    targets = tokens.roll(-1, dims=1)
+    want = F.log_softmax(model(tokens), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, T)
+    got = sequence_logprobs(model, tokens, targets, chunk_rows=5)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Summed log-likelihood's gradient reaches the trunk like the reference's does.
+    got.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    F.log_softmax(model(tokens), dim=-1).gather(-1, targets[..., None]).sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-6), name

@@ -15,7 +15,8 @@ from train_fixtures import REPO, pretrain_command, run_pretrain_process, tiny_co
 
 from corral.train.config import FailureConfig
 from corral.train.failure import LossGuard
-from corral.train.pretrain import read_metrics, run_pretrain
+from corral.train.loop import read_metrics
+from corral.train.pretrain import run_pretrain
 
 
 def _events(path):

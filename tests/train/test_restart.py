@@ -11,7 +11,7 @@ import pytest
 from train_fixtures import REPO, tiny_overrides, write_tiny_data
 
 from corral.train.failure import WATCHDOG_EXIT_CODE
-from corral.train.pretrain import read_metrics
+from corral.train.loop import read_metrics
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -136,11 +135,9 @@ def test_committed_sweep_predicts_held_out_run_within_5_percent():
 
 
 def _cli(argv: list[str]) -> int:
-    from corral.train import scaling_commands
+    from corral.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    scaling_commands.add_parsers(parser.add_subparsers())
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.handler(args)
 
 

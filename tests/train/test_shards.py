@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from corral.data.readers import iter_documents
+from corral.data.shards import HEADER, read_shard, write_shard
+from corral.data.tokenize import prepare_shards
 from corral.errors import FormatError
-from corral.train.shards import HEADER, iter_documents, prepare_shards, read_shard, write_shard
 
 
 @pytest.mark.parametrize("top, itemsize", [(60000, 2), (128255, 4)])

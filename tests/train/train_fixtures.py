@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from corral.data.shards import write_shard
 from corral.train.config import PretrainConfig, load_config
-from corral.train.shards import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 128

@@ -28,7 +28,7 @@ def client(tmp_path):
 
 
 def test_page_is_served_with_a_strict_content_security_policy(client):
-    res = client.get("/")
+    res = client.get("/", headers={"Accept": "text/html,*/*;q=0.8"})  # a browser (tools get "Ollama is running")
     assert res.status_code == 200 and "<title>Corral</title>" in res.text
     csp = res.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp

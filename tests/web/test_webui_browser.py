@@ -10,7 +10,6 @@ each test gets a fresh browser page. Screenshots go to docs/screenshots/ (overwr
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,13 +27,20 @@ COPY = "smollm2-copy:latest"
 FAST = {"temperature": 0, "seed": 7, "max_tokens": 24}  # short greedy answers keep the file quick on a CPU
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _wait_port(port_file: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
+    """The port `corral serve --port 0 --port-file` bound: never a guessed "free" port another process can
+    take before the server binds it (issue 14 item 22)."""
+    deadline = time.monotonic() + timeout
+    while not port_file.is_file():
+        if proc.poll() is not None:
+            raise RuntimeError(f"corral serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError("corral serve did not report its port")
+        time.sleep(0.1)
+    return int(port_file.read_text())
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -50,23 +56,23 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from corral.repl import ensure_default
     from corral.store import Store
+    from corral.store.load import ensure_default
 
     home = tmp_path_factory.mktemp("webui-home")
     store = Store(home)
     ensure_default(store)
     store.copy("smollm2:135m", COPY)  # a second store entry (shares the blob) for the model picker
-    port = _free_port()
     log = open(home / "serve.log", "w")
     env = {**os.environ, "CORRAL_HOME": str(home)}
     env.pop("CORRAL_API_KEY", None)
     env.pop("CORRAL_HOST", None)
-    proc = subprocess.Popen([sys.executable, "-m", "corral", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--context", "2048", "--parallel", "2", "--model", "smollm2:135m"],
+    proc = subprocess.Popen([sys.executable, "-m", "corral", "serve", "--host", "127.0.0.1", "--port", "0",
+                             "--port-file", str(home / "port"), "--context", "2048", "--parallel", "2",
+                             "--model", "smollm2:135m"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
     try:
+        url = f"http://127.0.0.1:{_wait_port(home / 'port', proc, home / 'serve.log')}"
         _wait_healthy(url, proc, home / "serve.log")
         yield url
     finally:

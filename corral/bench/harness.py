@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from corral.bench_runtimes import RESULT_TAG, BenchSpec, ChildResult, _timed
+from corral.bench.runtimes import RESULT_TAG, BenchSpec, ChildResult, timed
 
 RUNTIMES = ("corral", "llamacpp", "transformers")
 QUANTS = ("none", "int8", "int4", "gguf")
@@ -109,7 +109,7 @@ def launch_child(spec: BenchSpec, timeout: float = CHILD_TIMEOUT_S) -> ChildResu
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     try:
-        proc = subprocess.run([sys.executable, "-m", "corral.bench_runtimes"], input=json.dumps(asdict(spec)),
+        proc = subprocess.run([sys.executable, "-m", "corral.bench.runtimes"], input=json.dumps(asdict(spec)),
                               capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return ChildResult(runtime=spec.runtime, variant=spec.variant, error=f"timed out after {timeout:.0f} s")
@@ -211,7 +211,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for spec in plan_specs(args, model_path, hf_dir):
             name = spec.runtime + (f"/{spec.variant}" if spec.variant else "")
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            result, seconds = _timed(launch_child, spec)
+            result, seconds = timed(launch_child, spec)
             rows.append(summarize(result))
             print(f"[bench] {name} done in {seconds:.0f} s: {_brief(rows[-1])}", file=sys.stderr, flush=True)
     settings = {k: getattr(args, k) for k in ("runs", "threads", "prompt_tokens", "new_tokens", "batch", "compile")}
@@ -282,16 +282,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] | None = None) -> None:
-    """Register `bench`; `parents` carries options every subcommand shares (cli.py's --debug)."""
-    p = sub.add_parser("bench", help="benchmark Corral against llama.cpp and transformers",
-                       description=cmd_bench.__doc__, parents=parents or [])
-    add_arguments(p)
-    p.set_defaults(handler=cmd_bench)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`python -m corral.benchmark [args]` or `python bench/engine.py [args]`."""
+    """`python -m corral.bench.harness [args]` or `python bench/engine.py [args]`."""
     argv = sys.argv[1:] if argv is None else argv
     from corral.errors import CorralError
 

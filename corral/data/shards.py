@@ -11,18 +11,16 @@ Layout (little-endian), version 1::
     56      8     reserved   zero
     64      ...   payload    n_tokens ids, itemsize bytes each
 
-Documents are concatenated as ``<|begin_of_text|> text <|end_of_text|>``, so the loader can cut
-fixed-length windows anywhere. Reads are memory-mapped; a file whose size, magic, version, itemsize or
-checksum is wrong raises FormatError naming the file and the field.
+corral.data.tokenize concatenates documents as ``<|begin_of_text|> text <|end_of_text|>``, so the
+loader can cut fixed-length windows anywhere. Reads are memory-mapped; a file whose size, magic, version,
+itemsize or checksum is wrong raises FormatError naming the file and the field.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,78 +87,3 @@ def read_shard(path: str | Path, *, verify: bool = True) -> np.memmap:
         raise FormatError(f"{path}: payload checksum does not match the header; the shard is corrupted",
                           path=where, field="sha256")
     return ids
-
-
-def iter_documents(path: str | Path) -> Iterator[str]:
-    """Documents of a text source: a JSONL file gives one per line ("text" key), any other file is one."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if _looks_like_jsonl(text):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{path}:{lineno}: not JSON ({exc.msg})", path=str(path),
-                                  field=f"line {lineno}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise FormatError(f"{path}:{lineno}: a JSONL record needs a string 'text'", path=str(path),
-                                  field=f"line {lineno}")
-            yield record["text"]
-    elif text.strip():
-        yield text
-
-
-def _looks_like_jsonl(text: str) -> bool:
-    first = text.lstrip()[:1]
-    if first != "{":
-        return False
-    try:
-        json.loads(text.lstrip().split("\n", 1)[0])
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
-def tokenize_documents(documents: Iterable[str], tokenizer) -> np.ndarray:
-    """Concatenate ``bos + ids + eos`` of every document into one uint32 array."""
-    parts = [np.asarray(tokenizer.encode(doc, bos=True, eos=True), dtype=np.uint32) for doc in documents]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-
-
-def expand_sources(sources: Iterable[str | Path]) -> list[Path]:
-    """Files named directly, plus the files of named directories in sorted order (hidden files skipped)."""
-    files: list[Path] = []
-    for source in sources:
-        source = Path(source)
-        if source.is_dir():
-            files += sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif source.is_file():
-            files.append(source)
-        else:
-            raise FileNotFoundError(f"data source not found: {source}")
-    return files
-
-
-def prepare_shards(sources: Iterable[str | Path], shard_dir: str | Path, tokenizer=None) -> list[Path]:
-    """Shards for every source: a shard is used as is, a text/JSONL file is tokenized once and cached.
-
-    The cache name carries the source's sha256, so an edited source is tokenized again. ``tokenizer``
-    defaults to Meta's Llama 3 tokenizer (loaded only if some source needs tokenizing).
-    """
-    shards = []
-    for source in expand_sources(sources):
-        if is_shard(source):
-            shards.append(source)
-            continue
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-        target = Path(shard_dir) / f"{source.stem}-{digest}.bin"
-        if not target.exists():
-            if tokenizer is None:
-                from corral.tokenizer import load_llama3_tokenizer
-
-                tokenizer = load_llama3_tokenizer()
-            write_shard(target, tokenize_documents(iter_documents(source), tokenizer))
-        shards.append(target)
-    return shards

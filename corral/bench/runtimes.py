@@ -1,6 +1,6 @@
 """The child side of `corral bench`: one runtime (Corral, llama.cpp or transformers) in a fresh process.
 
-`corral.benchmark` (the parent) starts `python -m corral.bench_runtimes` once per (runtime,
+`corral.bench.harness` (the parent) starts `python -m corral.bench.runtimes` once per (runtime,
 variant), writes a BenchSpec as JSON on stdin and reads one tagged ChildResult line from stdout,
 so each child's load time and peak RSS are its own. Only the standard library is imported at
 module level (and `import corral` does not import torch), so llama.cpp's RSS carries no torch and
@@ -88,7 +88,7 @@ def run_child(spec: BenchSpec) -> ChildResult:
     return result
 
 
-def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     started = time.perf_counter()
     value = fn(*args, **kwargs)
     return value, time.perf_counter() - started
@@ -116,7 +116,7 @@ def run_corral(spec: BenchSpec, result: ChildResult) -> None:
         kwargs["compile"] = True
     if len(spec.batch_prompts) > 8:  # the engine's default batch size
         kwargs["max_batch_size"] = len(spec.batch_prompts)
-    llm, result.load_s = _timed(corral.load, spec.model_path, **kwargs)
+    llm, result.load_s = timed(corral.load, spec.model_path, **kwargs)
     engine = llm.engine
     params = {n: SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in (4, spec.new_tokens)}
 
@@ -143,7 +143,7 @@ def _measure(spec: BenchSpec, result: ChildResult, step) -> None:
         prefill_s, decode_s, n = step([spec.prompt], spec.new_tokens)
         result.prefill_tok_s.append(len(spec.prompt) / prefill_s)
         result.decode_tok_s.append((n - 1) / decode_s)
-        (_, _, total), wall = _timed(step, spec.batch_prompts, spec.new_tokens)
+        (_, _, total), wall = timed(step, spec.batch_prompts, spec.new_tokens)
         result.batch_tok_s.append(total / wall)
 
 
@@ -153,7 +153,7 @@ def run_llamacpp(spec: BenchSpec, result: ChildResult) -> None:
 
     result.import_s = time.perf_counter() - started
     result.versions["llama_cpp"] = llama_cpp.__version__
-    llm, result.load_s = _timed(llama_cpp.Llama, spec.model_path, n_threads=spec.threads,
+    llm, result.load_s = timed(llama_cpp.Llama, spec.model_path, n_threads=spec.threads,
                                 n_threads_batch=spec.threads, n_ctx=2048, n_batch=512, verbose=False, logits_all=False)
     ctx = llamacpp_context(llm, len(spec.batch_prompts), spec.threads)
 
@@ -179,7 +179,7 @@ def _argmax(llm, ctx, row: int) -> int:
 def llamacpp_single(llm, prompt: list[int], n: int) -> tuple[list[int], float, float]:
     """Greedy batch-1 generation with the high-level Llama object: (tokens, prefill_s, decode_s)."""
     llm.reset()
-    _, prefill_s = _timed(llm.eval, prompt)
+    _, prefill_s = timed(llm.eval, prompt)
     started = time.perf_counter()
     out = [_argmax(llm, llm.ctx, -1)]
     for _ in range(n - 1):
@@ -234,7 +234,7 @@ def run_transformers(spec: BenchSpec, result: ChildResult) -> None:
 
     result.import_s += time.perf_counter() - started
     result.versions["transformers"] = transformers.__version__
-    model, result.load_s = _timed(LlamaForCausalLM.from_pretrained, spec.hf_dir, dtype=torch.float32)
+    model, result.load_s = timed(LlamaForCausalLM.from_pretrained, spec.hf_dir, dtype=torch.float32)
     model.eval()
     result.notes.append("fp32 weights dequantized by corral (gguf_file= needs accelerate); batch left-padded")
 
@@ -245,8 +245,8 @@ def run_transformers(spec: BenchSpec, result: ChildResult) -> None:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         prefill_s = 0.0
         if len(prompts) == 1:  # the batched figure is the generate call's wall time alone
-            _, prefill_s = _timed(model, input_ids=ids, attention_mask=mask, logits_to_keep=1)
-        out, generate_s = _timed(model.generate, input_ids=ids, attention_mask=mask, max_new_tokens=n,
+            _, prefill_s = timed(model, input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        out, generate_s = timed(model.generate, input_ids=ids, attention_mask=mask, max_new_tokens=n,
                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
         # generate repeats the prefill; its decode time is the rest.
         return prefill_s, max(generate_s - prefill_s, 1e-9), (out.shape[1] - width) * len(prompts)
