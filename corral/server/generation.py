@@ -302,7 +302,7 @@ def start(state, model: LoadedModel, prompt: Prompt, params, *, stop: Sequence[s
           logprobs: bool = False) -> Generation:
     """Input filters, then the scheduler's ticket (QueueFullError -> 503 at once). The caller still holds
     the model until this returns (see released_on_error); from then on the Generation does."""
-    filters = list(getattr(state, "filters", ()))
+    filters = list(state.filters)
     for f in filters:
         cut = f.check_input(prompt)
         if cut is not None:
