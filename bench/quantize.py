@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from corral.checkpoint.gguf import expected_shapes  # noqa: E402
+from corral.checkpoint.base import weight_shapes  # noqa: E402
 from corral.checkpoint.gguf_quant import MIXES  # noqa: E402
 from corral.checkpoint.gguf_reader import read_gguf  # noqa: E402
 from corral.checkpoint.gguf_write import export_gguf  # noqa: E402
@@ -45,7 +45,7 @@ def source_gguf(workdir: Path, shape: str) -> Path:
     src = workdir / f"{shape}-f16.gguf"
     if not src.exists():
         g = torch.Generator().manual_seed(0)
-        state = {k: (torch.randn(s, generator=g) * 0.02).half() for k, s in expected_shapes(SHAPES[shape]).items()}
+        state = {k: (torch.randn(s, generator=g) * 0.02).half() for k, s in weight_shapes(SHAPES[shape]).items()}
         export_gguf(SHAPES[shape], state, src, qtype="F16")
     return src
 

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -55,6 +56,7 @@ class Round:
 
 
 def free_port() -> int:
+    """For llama.cpp's server, which cannot report the port it bound (corral serve takes port 0 instead)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -74,11 +76,19 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
 
 
-def start_corral(model: str, port: int, parallel: int, home: str) -> subprocess.Popen:
+def start_corral(model: str, parallel: int, home: str) -> tuple[subprocess.Popen, str]:
+    """corral serve on port 0: (process, base URL) once it reports the port it bound."""
     env = dict(os.environ, CORRAL_HOME=home)
-    cmd = [sys.executable, "-m", "corral", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--parallel", str(parallel), "--model", model]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port_file = Path(home) / "port"
+    cmd = [sys.executable, "-m", "corral", "serve", "--host", "127.0.0.1", "--port", "0", "--port-file",
+           str(port_file), "--parallel", str(parallel), "--model", model]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not port_file.is_file():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("corral serve did not report its port")
+        time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{int(port_file.read_text())}"
 
 
 def start_llamacpp(model: str, port: int, threads: int) -> subprocess.Popen:
@@ -199,13 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in args.clients.split(",")]
     results: dict[str, dict[int, list[Round]]] = {}
     for server in args.servers.split(","):
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
         if server == "corral":
             with tempfile.TemporaryDirectory() as home:
-                proc = start_corral(args.model, port, max(counts), home)
+                proc, base = start_corral(args.model, max(counts), home)
                 results[server] = bench_server(server, proc, base, args.model, counts, args.rounds, args.max_tokens)
         elif server == "llamacpp":
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
             proc = start_llamacpp(args.model, port, args.threads)
             results[server] = bench_server(server, proc, base, args.model, counts, args.rounds, args.max_tokens)
         else:

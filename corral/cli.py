@@ -1,6 +1,5 @@
 """The ``corral`` command. COMMANDS at the bottom is the whole registry: every subcommand, its handler,
-the function that adds its arguments, and its one-line help. Handler modules import only argparse and
-the standard library at module level, so ``corral --help`` stays fast; each handler imports its work.
+the function that adds its arguments, and its one-line help, each from the module that owns the work.
 """
 
 from __future__ import annotations

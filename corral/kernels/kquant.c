@@ -28,9 +28,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+typedef void (*corral_job_fn)(void *arg, int64_t chunk, int slot);
+void corral_parallel(corral_job_fn fn, void *arg, int64_t nchunks, int nthreads); /* pool.c */
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define KQ_AVX2 1
@@ -360,20 +359,34 @@ static void kq_rows(const kpart *part, int64_t pn0, int64_t n0, int64_t n1, cons
                                             a->d + i * a->nb, a->bs + i * a->nb * 16);
 }
 
-/* Thread tid of nt: quantise its share of activation rows, wait for the others, then its range of weight
-   tiles against every row, in passes of activation rows that stay in L2 while the tiles stream past. */
-static void kq_thread(const kweights *w, const float *x, const kacts *a, int simd, int tid, int nt) {
-    int64_t m0 = a->M * tid / nt, m1 = a->M * (tid + 1) / nt;
-    corral_kq_quantize_rows(x + m0 * w->K, m1 - m0, w->K, (int8_t *)a->q + m0 * w->K, (float *)a->d + m0 * w->nb,
-                            (int16_t *)a->bs + m0 * w->nb * 16, simd);
-#ifdef _OPENMP
-    if (nt > 1) {
-#pragma omp barrier
-    }
-#endif
-    const int64_t T = (w->N + KQ_TR - 1) / KQ_TR, t0 = T * tid / nt, t1 = T * (tid + 1) / nt;
+/* One call's work in chunks (pool.c): rows of activations to quantise, then ranges of weight tiles against
+   every row, in passes of activation rows that stay in L2 while the tiles stream past. */
+typedef struct {
+    const kweights *w;
+    const float *x;
+    const kacts *a;
+    int simd;
+    int64_t rows_per_chunk, tiles_per_chunk;
+} kq_job;
+
+static void kq_quantize_chunk(void *arg, int64_t k, int slot) {
+    const kq_job *j = arg;
+    const kweights *w = j->w;
+    int64_t m0 = k * j->rows_per_chunk, m1 = m0 + j->rows_per_chunk < j->a->M ? m0 + j->rows_per_chunk : j->a->M;
+    (void)slot;
+    corral_kq_quantize_rows(j->x + m0 * w->K, m1 - m0, w->K, (int8_t *)j->a->q + m0 * w->K,
+                            (float *)j->a->d + m0 * w->nb, (int16_t *)j->a->bs + m0 * w->nb * 16, j->simd);
+}
+
+static void kq_tiles_chunk(void *arg, int64_t k, int slot) {
+    const kq_job *j = arg;
+    const kweights *w = j->w;
+    const kacts *a = j->a;
+    const int64_t T = (w->N + KQ_TR - 1) / KQ_TR, t0 = k * j->tiles_per_chunk;
+    const int64_t t1 = t0 + j->tiles_per_chunk < T ? t0 + j->tiles_per_chunk : T;
     int64_t pass = (KQ_L2 / w->K) & ~(int64_t)7;
     pass = pass < 8 ? 8 : pass;
+    (void)slot;
     for (int64_t mc = 0; mc < a->M; mc += pass) {
         int64_t mend = mc + pass < a->M ? mc + pass : a->M;
         for (int64_t t = t0; t < t1; t++) {
@@ -383,7 +396,7 @@ static void kq_thread(const kweights *w, const float *x, const kacts *a, int sim
                 if (n >= pend) continue;
                 int64_t e = nend < pend ? nend : pend;
                 for (int64_t i = mc; i < mend; i += KQ_MX) /* a tile's rows against 8 activation rows at a time */
-                    kq_rows(&w->parts[p], base, n, e, a, w->N, i, i + KQ_MX < mend ? i + KQ_MX : mend, simd);
+                    kq_rows(&w->parts[p], base, n, e, a, w->N, i, i + KQ_MX < mend ? i + KQ_MX : mend, j->simd);
                 n = e;
             }
         }
@@ -425,18 +438,10 @@ int corral_kq_linear(const int64_t *desc, const float *x, int64_t M, float *y, i
     if (!buf) return -1;
     kacts a = {M, w.K, w.nb, (const int8_t *)buf, (const float *)(buf + q_bytes),
                (const int16_t *)(buf + q_bytes + d_bytes), y};
-    if (nt == 1) {
-        kq_thread(&w, x, &a, simd, 0, 1);
-    } else {
-#pragma omp parallel num_threads(nt)
-        {
-#ifdef _OPENMP
-            kq_thread(&w, x, &a, simd, omp_get_thread_num(), omp_get_num_threads());
-#else
-            kq_thread(&w, x, &a, simd, 0, 1);
-#endif
-        }
-    }
+    int64_t chunks = nt == 1 ? 1 : (4 * nt < T ? 4 * nt : T); /* a few per thread: a slow thread's share is taken */
+    kq_job job = {&w, x, &a, simd, (M + nt - 1) / nt, (T + chunks - 1) / chunks};
+    corral_parallel(kq_quantize_chunk, &job, (M + job.rows_per_chunk - 1) / job.rows_per_chunk, (int)nt);
+    corral_parallel(kq_tiles_chunk, &job, (T + job.tiles_per_chunk - 1) / job.tiles_per_chunk, (int)nt);
     free(buf);
     return 0;
 }

@@ -19,17 +19,16 @@
    horizontal sums, and the activations are read as they are (no copies per row).
    Rows past N in the last tile are zero blocks with zero scales.
 
-   Threads: OpenMP. Loaded after torch, the library binds to the libgomp torch already holds (same
-   soname), so torch's ops and these kernels share one thread pool instead of two fighting pools. */
+   Threads: the kernels' own pool (pool.c), the same from any calling thread: a call is cut into chunks of
+   independent work (rows to quantise, ranges of tiles, heads) that the caller and the awake workers take. */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+typedef void (*corral_job_fn)(void *arg, int64_t chunk, int slot);
+void corral_parallel(corral_job_fn fn, void *arg, int64_t nchunks, int nthreads); /* pool.c */
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define CORRAL_AVX2 1
@@ -65,13 +64,7 @@ typedef struct {
 
 int corral_kernels_simd(void) { return CORRAL_AVX2; }
 
-int corral_kernels_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
+int corral_kernels_openmp(void) { return 0; } /* threads come from pool.c since the kernels left OpenMP */
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
@@ -313,21 +306,38 @@ static void tile_rows(const weights *w, int64_t t, const acts *a, int64_t m, int
     for (; m < mend; m++) tile_scalar(w, t, a, m);
 }
 
-/* The work of thread `tid` of `nt`: its share of activation rows to quantise, a barrier, then its
-   contiguous range of weight tiles against all rows, in chunks of rows small enough to stay in L1. */
-static void run_thread(const weights *w, const float *x, const acts *a, int simd, int tid, int nt) {
-    int64_t m0 = a->M * tid / nt, m1 = a->M * (tid + 1) / nt, nb = w->nb;
+/* One call's work in chunks: first rows of activations to quantise, then ranges of weight tiles against all
+   rows, in passes of rows small enough to stay in L1. */
+typedef struct {
+    const weights *w;
+    const float *x;
+    const acts *a;
+    int simd;
+    int64_t rows_per_chunk, tiles_per_chunk;
+} matmul_job;
+
+static void quantize_chunk(void *arg, int64_t k, int slot) {
+    const matmul_job *j = arg;
+    const acts *a = j->a;
+    int64_t nb = j->w->nb, m0 = k * j->rows_per_chunk, m1 = m0 + j->rows_per_chunk < a->M ? m0 + j->rows_per_chunk : a->M;
     float *xsd = (float *)a->xsd;
-    corral_quantize_rows(x + m0 * w->K, m1 - m0, w->K, (int8_t *)a->xq + m0 * w->K, (float *)a->xd + m0 * nb,
-                         xsd + m0 * nb, simd);
+    (void)slot;
+    corral_quantize_rows(j->x + m0 * j->w->K, m1 - m0, j->w->K, (int8_t *)a->xq + m0 * j->w->K, (float *)a->xd + m0 * nb,
+                         xsd + m0 * nb, j->simd);
     for (int64_t i = m0 * nb; i < m1 * nb; i++) xsd[i] *= a->xd[i]; /* sums -> xd * sum */
-#pragma omp barrier
-    int64_t t0 = w->T * tid / nt, t1 = w->T * (tid + 1) / nt;
+}
+
+static void tiles_chunk(void *arg, int64_t k, int slot) {
+    const matmul_job *j = arg;
+    const weights *w = j->w;
+    const acts *a = j->a;
+    int64_t t0 = k * j->tiles_per_chunk, t1 = t0 + j->tiles_per_chunk < w->T ? t0 + j->tiles_per_chunk : w->T;
     int64_t rows = (XCHUNK / w->K) & ~(int64_t)7;
     rows = rows < 8 ? 8 : rows;
+    (void)slot;
     for (int64_t mc = 0; mc < a->M; mc += rows) {
         int64_t mend = mc + rows < a->M ? mc + rows : a->M;
-        for (int64_t t = t0; t < t1; t++) tile_rows(w, t, a, mc, mend, simd);
+        for (int64_t t = t0; t < t1; t++) tile_rows(w, t, a, mc, mend, j->simd);
     }
 }
 
@@ -353,19 +363,11 @@ int corral_matmul(int kind, const float *x, int64_t M, int64_t K, int64_t N, con
     if (!buf) return -1;
     float *xd = (float *)(buf + xq_bytes), *xsd = xd + M * nb;
     acts a = {M, (const int8_t *)buf, xd, xsd, y};
-    if (nt == 1) {
-        run_thread(&w, x, &a, simd, 0, 1);
-    } else {
-#pragma omp parallel num_threads(nt)
-        {
-#ifdef _OPENMP
-            int tid = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-            int tid = 0, team = 1;
-#endif
-            run_thread(&w, x, &a, simd, tid, team);
-        }
-    }
+    /* a few chunks per thread, so a thread that lost its core leaves its share to the others */
+    int64_t chunks = nt == 1 ? 1 : (4 * nt < T ? 4 * nt : T);
+    matmul_job job = {&w, x, &a, simd, (M + nt - 1) / nt, (T + chunks - 1) / chunks};
+    corral_parallel(quantize_chunk, &job, (M + job.rows_per_chunk - 1) / job.rows_per_chunk, (int)nt);
+    corral_parallel(tiles_chunk, &job, (T + job.tiles_per_chunk - 1) / job.tiles_per_chunk, (int)nt);
     free(buf);
     return 0;
 }
@@ -585,6 +587,42 @@ static void attend_head(const float *q, const float *cs, const float *sn, const 
     weighted_sum_kv(s, vh, pos + 1, hd, kv_half, out);
 }
 
+/* The heads of a decode step in chunks of ATTN_CHUNK (row b = j / n_heads, head h = j % n_heads). */
+#define ATTN_CHUNK 8
+typedef struct {
+    const float *qkv, *cs, *sn;
+    void *kc, *vc;
+    int64_t row_stride, head_stride;
+    int n_heads, hd, group, half;
+    int64_t qkv_len;
+    float scale;
+    const int64_t *pos;
+    float *y;
+    int kv_half;
+    float *scratch;
+    int64_t per, jobs;
+} attn_job;
+
+static void attn_chunk(void *arg, int64_t k, int slot) {
+    const attn_job *p = arg;
+    float *s = p->scratch + (int64_t)slot * p->per;
+    const int n_heads = p->n_heads, hd = p->hd;
+    for (int64_t j = k * ATTN_CHUNK; j < p->jobs && j < (k + 1) * ATTN_CHUNK; j++) {
+        int64_t b = j / n_heads;
+        int h = (int)(j % n_heads);
+        float *out = p->y + b * n_heads * hd + (int64_t)h * hd;
+        if (p->pos[b] < 0) {
+            memset(out, 0, sizeof(float) * hd);
+            continue;
+        }
+        const int64_t at = b * p->row_stride + (h / p->group) * p->head_stride;
+        const void *kh = p->kv_half ? (const void *)((const uint16_t *)p->kc + at) : (const void *)((const float *)p->kc + at);
+        const void *vh = p->kv_half ? (const void *)((const uint16_t *)p->vc + at) : (const void *)((const float *)p->vc + at);
+        attend_head(p->qkv + b * p->qkv_len + (int64_t)h * hd, p->cs + b * p->half, p->sn + b * p->half, kh, vh, hd,
+                    p->pos[b], p->scale, p->kv_half, s + hd, s, out);
+    }
+}
+
 /* B rows (sequences), one new token each, row b at position pos[b] (pos[b] < 0: an idle row, output zeros).
    Row b's qkv, cos/sin and y are at qkv + b * qkv_len, cs/sn + b * hd/2, y + b * n_heads * hd; its cache rows at
    kc/vc + b * row_stride. Each row's arithmetic does not depend on the others, so a sequence decodes to the
@@ -618,34 +656,12 @@ int corral_attn_decode(const float *qkv, const float *cs, const float *sn, void 
     }
     const int64_t jobs = B * n_heads, per = longest + 1 + hd; /* scratch per thread: q rotated, then scores */
     int nt = work > (1 << 18) && nthreads > 1 ? nthreads : 1;
-#ifndef _OPENMP
-    nt = 1;
-#endif
     float *scratch = malloc(sizeof(float) * (size_t)nt * (size_t)per);
     if (!scratch)
         return -1;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 8)
-#endif
-    for (int64_t j = 0; j < jobs; j++) {
-#ifdef _OPENMP
-        float *s = scratch + (int64_t)omp_get_thread_num() * per;
-#else
-        float *s = scratch;
-#endif
-        int64_t b = j / n_heads;
-        int h = (int)(j % n_heads);
-        float *out = y + b * n_heads * hd + (int64_t)h * hd;
-        if (pos[b] < 0) {
-            memset(out, 0, sizeof(float) * hd);
-            continue;
-        }
-        const int64_t at = b * row_stride + (h / group) * head_stride;
-        const void *kh = kv_half ? (const void *)((const uint16_t *)kc + at) : (const void *)((const float *)kc + at);
-        const void *vh = kv_half ? (const void *)((const uint16_t *)vc + at) : (const void *)((const float *)vc + at);
-        attend_head(qkv + b * qkv_len + (int64_t)h * hd, cs + b * half, sn + b * half, kh, vh, hd, pos[b], scale,
-                    kv_half, s + hd, s, out);
-    }
+    attn_job job = {qkv, cs, sn, kc, vc, row_stride, head_stride, n_heads, hd, group, half, qkv_len, scale, pos, y,
+                    kv_half, scratch, per, jobs};
+    corral_parallel(attn_chunk, &job, (jobs + ATTN_CHUNK - 1) / ATTN_CHUNK, nt);
     free(scratch);
     return 0;
 }
