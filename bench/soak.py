@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 -- still report, with the server log, and fail
             result = {"failed": ["crashed"], "error": repr(exc)}
         finally:
+            died = proc.poll()  # None while it still runs: a crash shows here (a negative code is a signal)
             proc.terminate()
             try:
                 proc.wait(30)
@@ -388,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.log:
                 Path(args.log).write_text(result_log)
     result["server_log_tail"] = result_log.splitlines()[-20:]
+    if died is not None:
+        result["server_exit_code"] = died
+        result["failed"] = [*result["failed"], "server_died"]
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
