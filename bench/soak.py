@@ -295,11 +295,18 @@ async def client_loop(url: str, tally: Tally, rng: random.Random, stop_at: float
             await action(client, tally, rng)
 
 
-async def settle(url: str, timeout: float = 60) -> int:
-    """Running + queued requests after waiting up to timeout seconds for them to reach 0."""
+async def settle(url: str, timeout: float = 120) -> int:
+    """Running + queued requests after waiting up to timeout seconds for them to reach 0 (-1: /metrics
+    never answered)."""
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        deadline = time.monotonic() + timeout
-        while (left := await running_and_queued(client)) and time.monotonic() < deadline:
+        deadline, left = time.monotonic() + timeout, -1
+        while time.monotonic() < deadline:
+            try:
+                left = await running_and_queued(client)
+            except httpx.HTTPError:
+                left = -1  # a loaded machine: ask again
+            if left == 0:
+                break
             await asyncio.sleep(0.5)
         return left
 
@@ -340,7 +347,7 @@ def report(tally: Tally, start, end, left: int, args) -> dict:
         "valid_5xx": (tally.count("valid", is_5xx), 0),
         "valid_transport_errors": (tally.count("valid", lambda s: s == "transport"), 0),
         "invalid_5xx": (tally.count("invalid", is_5xx), 0),
-        "running_plus_queued_at_end": (left, 0),
+        "running_plus_queued_at_end": (left if left >= 0 else 10**9, 0),
         "open_fds_growth": (end[1] - start[1], args.fd_slack),
         "rss_growth_mib": (round((end[0] - start[0]) / mib, 1), args.rss_slack_mb),
     }
@@ -368,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         proc, url = start_server(Path(home), args)
         try:
             result = asyncio.run(soak(url, proc.pid, args))
+        except Exception as exc:  # noqa: BLE001 -- still report, with the server log, and fail
+            result = {"failed": ["crashed"], "error": repr(exc)}
         finally:
+            died = proc.poll()  # None while it still runs: a crash shows here (a negative code is a signal)
             proc.terminate()
             try:
                 proc.wait(30)
@@ -379,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.log:
                 Path(args.log).write_text(result_log)
     result["server_log_tail"] = result_log.splitlines()[-20:]
+    if died is not None:
+        result["server_exit_code"] = died
+        result["failed"] = [*result["failed"], "server_died"]
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

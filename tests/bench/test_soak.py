@@ -20,7 +20,9 @@ def test_short_soak_mixes_every_route_and_passes_its_checks(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.2", "--workers", "3",
                            "--json", str(out), "--rss-slack-mb", "4096"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
+    assert out.is_file(), proc.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert "crashed" not in report["failed"], (report.get("error"), report.get("server_log_tail"))
     checks = {name: check["value"] for name, check in report["checks"].items()}
     assert checks["valid_5xx"] == 0 and checks["valid_transport_errors"] == 0, report["failures"]
     assert checks["running_plus_queued_at_end"] == 0
