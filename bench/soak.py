@@ -5,10 +5,11 @@
 
 Starts `corral serve` on 127.0.0.1 port 0 (it reports the port it bound) with a fresh CORRAL_HOME
 holding the embedded SmolLM2, and runs --workers clients until --minutes (or --requests) run out. Each
-client picks an action at random: OpenAI chat/completions (streamed or not), embeddings (the model and
-MiniLM), Ollama generate/chat/embed/tags/show/ps/create/copy/delete, the chat page's conversations,
-model loads and unloads through keep_alive, and invalid requests (bad JSON, wrong types, out-of-range
-values, unknown models). A streamed answer is sometimes dropped mid-way (a disconnect) or read slowly.
+client picks an action at random: OpenAI chat/completions (streamed or not, or with a body uploaded
+slowly), embeddings (the model and MiniLM), Ollama generate/chat/embed/tags/show/ps/create/copy/delete,
+the chat page's conversations, model loads and unloads through keep_alive, and invalid requests (bad
+JSON, wrong types, out-of-range values, unknown models). A streamed answer is sometimes dropped mid-way
+(a disconnect) or read slowly.
 
 The checks (RELIABILITY.md 28; exit 1 if one fails):
   * no 5xx (and no transport error) on a valid request; no 5xx on an invalid one either (items 8-12, 43);
@@ -209,6 +210,20 @@ async def ollama_models(client, tally, rng):
         await send(client, tally, True, "DELETE", "/api/delete", json={"model": model})
 
 
+async def slow_sender(client, tally, rng):
+    """A client that uploads its request body in pieces, pausing under the server's body timeout."""
+    body = json.dumps({"model": MODEL, "messages": _messages(rng), **FAST}).encode()
+    cuts = sorted(rng.sample(range(1, len(body)), 3))
+
+    async def pieces():
+        for begin, end in zip([0, *cuts], [*cuts, len(body)]):
+            yield body[begin:end]
+            await asyncio.sleep(rng.uniform(0.2, 1.5))
+
+    await send(client, tally, True, "POST", "/v1/chat/completions", content=pieces(),
+               headers={"Content-Type": "application/json"})
+
+
 async def keep_alive_churn(client, tally, rng):
     """Ollama's load (empty prompt) and unload (keep_alive 0) of the default model."""
     keep_alive = rng.choice([0, "1s", "5m"])
@@ -265,7 +280,7 @@ async def invalid(client, tally, rng):
 
 ACTIONS = [(openai_chat, 4), (openai_completion, 3), (openai_embeddings, 2), (ollama_generate, 3), (ollama_chat, 3),
            (ollama_embed, 2), (ollama_info, 2), (ollama_models, 1), (keep_alive_churn, 1), (conversations, 2),
-           (invalid, 5)]
+           (slow_sender, 1), (invalid, 5)]
 
 
 # -- the run ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from corral.errors import CorralError
 from corral.model.config import ModelConfig
 
 FORMATS = ("hf", "meta", "gguf")
-GGUF_QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M")  # gguf_quant.MIXES
+GGUF_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M")  # gguf_quant.MIXES
 
 
 def export_checkpoint(

@@ -34,6 +34,7 @@ T = GGMLQuantizationType
 MIXES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "F32": (T.F32, LlamaFileType.ALL_F32),
     "F16": (T.F16, LlamaFileType.MOSTLY_F16),
+    "BF16": (T.BF16, LlamaFileType.MOSTLY_BF16),
     "Q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "Q4_0": (T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "Q6_K": (T.Q6_K, LlamaFileType.MOSTLY_Q6_K),
@@ -115,6 +116,13 @@ def _kquant(rows: np.ndarray, quantizer) -> np.ndarray:
     return np.concatenate(parts).reshape(rows.shape[0], -1)
 
 
+def _bf16_bits(data: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even like ggml's fp32_to_bf16; NaN stays NaN."""
+    bits = data.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(data), np.uint16(0x7FC0), rounded)
+
+
 def quantize_tensor(data: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     """A float32 tensor (torch order) as GGUF data of `ggml_type`: F32/F16 arrays, else (rows, bytes) uint8."""
     data = np.ascontiguousarray(data, dtype=np.float32)
@@ -123,7 +131,7 @@ def quantize_tensor(data: np.ndarray, ggml_type: GGMLQuantizationType) -> np.nda
     if ggml_type == T.F16:
         return data.astype(np.float16)
     if ggml_type == T.BF16:
-        raise ConfigError("writing BF16 is not supported; choose F16 or F32")
+        return _bf16_bits(data)
     rows = data.reshape(-1, data.shape[-1])
     if not _fits(rows.shape[1], ggml_type):
         raise ConfigError(f"rows of {rows.shape[1]} weights are not whole {ggml_type.name} blocks")

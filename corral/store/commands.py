@@ -453,7 +453,7 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a stored model name or a GGUF file / HF or Meta directory")
     p.add_argument("dest", help="output file (gguf) or directory (hf, meta)")
     p.add_argument("--format", required=True, choices=["gguf", "hf", "meta"])
-    p.add_argument("--qtype", default="F32", choices=["F32", "F16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M"],
+    p.add_argument("--qtype", default="F32", choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M"],
                    help="GGUF weight type (a llama.cpp mix)")
 
 

@@ -79,8 +79,10 @@ def _gguf_tokenizer(ckpt, notes: list[str]) -> dict | None:
 
 
 def _write_requantized(src: Path, tmp: Path, qtype: str, tick: Callable[[int], None] | None) -> None:
+    """Stream `src` into `tmp` in the mix: the header first (every tensor's type and size is known from its
+    shape), then one tensor at a time, so memory holds one quantized tensor, not the whole model."""
     from gguf import GGUFWriter
-    from gguf.constants import GGUFValueType
+    from gguf.constants import GGML_QUANT_SIZES, GGUFValueType
 
     from corral.checkpoint.gguf_quant import MIXES, quantize_tensor, tensor_types
     from corral.checkpoint.gguf_reader import read_gguf
@@ -103,17 +105,21 @@ def _write_requantized(src: Path, tmp: Path, qtype: str, tick: Callable[[int], N
                                    n_layers=int(meta.get(f"{arch}.block_count", 0)), n_heads=n_heads,
                                    n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_heads)))
             for name, info in g.tensors.items():
-                target = targets[name]
-                if target == info.ggml_type:  # llama.cpp copies a tensor already in its type
-                    out = np.asarray(g.raw(name)).reshape(*info.shape[:-1], -1)
-                else:
-                    out = quantize_tensor(g.tensor(name).numpy(), target)
-                writer.add_tensor(name, out, raw_dtype=target)
-                if tick:
-                    tick(info.nbytes)
+                block, block_bytes = GGML_QUANT_SIZES[targets[name]]
+                row_bytes = info.shape[-1] // block * block_bytes
+                writer.add_tensor_info(name, (*info.shape[:-1], row_bytes), np.dtype(np.uint8),
+                                       info.numel // info.shape[-1] * row_bytes, raw_dtype=targets[name])
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            writer.write_ti_data_to_file()
+            for name, info in g.tensors.items():
+                if targets[name] == info.ggml_type:  # llama.cpp copies a tensor already in its type
+                    out = np.asarray(g.raw(name))
+                else:
+                    out = quantize_tensor(g.tensor(name).numpy(), targets[name])
+                writer.write_tensor_data(np.ascontiguousarray(out).reshape(-1).view(np.uint8))
+                if tick:
+                    tick(info.nbytes)
         finally:
             writer.close()
 

@@ -113,18 +113,14 @@ def _llama_cpp_quantize(src: Path, dest: Path, mix: str) -> None:
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), ctypes.byref(params)) == 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0"])
-@pytest.mark.parametrize("tied", [False, True])
-def test_quantize_small_model_equals_llama_model_quantize(tmp_path, mix, tied):
-    """Every tensor's type and bytes equal llama.cpp's, including fallbacks (ffn_down rows of 640 weights)."""
+def _same_as_llama_cpp(tmp_path: Path, config: ModelConfig, source_type: str, mix: str) -> None:
+    """Quantize one random model both ways from a `source_type` GGUF; every tensor's type and bytes must match."""
     from corral.store.convert import quantize_gguf
 
     pytest.importorskip("llama_cpp")
-    config = dataclasses.replace(SMALL, tie_embeddings=tied)
     g = torch.Generator().manual_seed(3)
     state = {k: torch.randn(s, generator=g) * 0.05 for k, s in weight_shapes(config).items()}
-    src = export_gguf(config, state, tmp_path / "f16.gguf", qtype="F16")
+    src = export_gguf(config, state, tmp_path / "src.gguf", qtype=source_type)
     _llama_cpp_quantize(src, tmp_path / "theirs.gguf", mix)
     quantize_gguf(src, tmp_path / "ours.gguf", mix)
     with read_gguf(tmp_path / "theirs.gguf") as theirs, read_gguf(tmp_path / "ours.gguf") as ours:
@@ -133,6 +129,20 @@ def test_quantize_small_model_equals_llama_model_quantize(tmp_path, mix, tied):
         for name, info in theirs.tensors.items():
             assert (name, ours.tensors[name].type_name) == (name, info.type_name)
             assert np.array_equal(ours.raw(name), theirs.raw(name)), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantize_small_model_equals_llama_model_quantize(tmp_path, mix, tied):
+    """Every tensor's type and bytes equal llama.cpp's, including fallbacks (ffn_down rows of 640 weights)."""
+    _same_as_llama_cpp(tmp_path, dataclasses.replace(SMALL, tie_embeddings=tied), "F16", mix)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source_type", ["BF16", "F32"])
+def test_quantize_from_bf16_and_f32_sources_equals_llama_model_quantize(tmp_path, source_type):
+    _same_as_llama_cpp(tmp_path, dataclasses.replace(SMALL, n_layers=4), source_type, "Q4_K_M")
 
 
 def test_cli_quantize_of_an_hf_directory_writes_the_q4_k_m_mix_that_loads(tmp_path, capsys):

@@ -118,7 +118,6 @@ def test_a_cut_in_an_openai_stream_is_the_finish_reason(live, filtered):
 
 def test_an_input_filter_refuses_before_anything_is_submitted(live, filtered):
     filtered(Shout(), CutAfter(1000))
-    before = live.state.metrics.generated_tokens[MODEL]
     answer = live.client().chat.completions.create(**chat_body("a forbidden question"))
     assert answer.choices[0].finish_reason == "content_filter" and answer.choices[0].message.content == "[removed]"
     assert answer.usage.completion_tokens == 0
@@ -127,4 +126,56 @@ def test_an_input_filter_refuses_before_anything_is_submitted(live, filtered):
     assert frames[1]["choices"][0]["delta"] == {"content": "[removed]"}
     lines = ndjson_lines(live, "/api/generate", {"model": MODEL, "prompt": "forbidden"})
     assert lines[-1]["done_reason"] == "content_filter" and lines[0]["response"] == "[removed]"
-    assert live.state.metrics.generated_tokens[MODEL] == before
+    final = lines[-1]
+    assert final["eval_count"] == 0 and len(final["context"]) == final["prompt_eval_count"]  # nothing generated
+
+
+class Hold:
+    """Holds everything back and gives it at the end, reversed (a filter that must see the whole text)."""
+
+    def check_input(self, prompt: Prompt):
+        return None
+
+    def output(self):
+        return Hold()
+
+    def push(self, text: str) -> str:
+        self.seen = getattr(self, "seen", "") + text
+        return ""
+
+    def finish(self) -> str:
+        return getattr(self, "seen", "")[::-1]
+
+
+def test_filters_chain_and_held_text_comes_out_at_the_end():
+    from corral.server.generation import through
+
+    first, second = Hold().output(), Shout().output()
+    assert through([first, second], "ab", False) == "" and through([first, second], "c", True) == "CBA"
+    assert isinstance(through([Shout(), _Counter(2)], "abc", False), Cut)
+
+
+class CutFirstSample(CutAfter):
+    """Cuts the first sample's output at once and lets the others through."""
+
+    def __init__(self):
+        super().__init__(10**9)
+        self.made = 0
+
+    def output(self):
+        self.made += 1
+        return _Counter(0 if self.made == 1 else 10**9)
+
+
+def test_a_cut_stops_only_its_own_sample(live, filtered):
+    filtered(CutFirstSample())
+    answer = live.client().completions.create(model=MODEL, prompt="Once upon a time", max_tokens=30, n=2,
+                                              temperature=0.8, seed=1, logit_bias=no_stop(live))
+    reasons = sorted(c.finish_reason for c in answer.choices)
+    assert reasons == ["content_filter", "length"]
+    assert answer.usage.completion_tokens < 40  # the cut sample stopped at once, the other ran its 30
+    assert live.wait_idle(10) == 0
+
+
+def no_stop(server) -> dict:
+    return {str(t): -100 for t in server.model().llm.stop_ids}
