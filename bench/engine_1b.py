@@ -59,7 +59,7 @@ def child_corral(path: str, threads: int, context: int) -> dict:
 def child_llamacpp(path: str, threads: int, context: int) -> dict:
     import llama_cpp
 
-    from corral.bench_runtimes import llamacpp_single
+    from corral.bench.runtimes import llamacpp_single
 
     started = time.perf_counter()
     llm = llama_cpp.Llama(path, n_ctx=context + 2 * NEW_TOKENS, n_threads=threads, n_threads_batch=threads,
@@ -77,7 +77,7 @@ def child_llamacpp(path: str, threads: int, context: int) -> dict:
 
 
 def child_main(runtime: str, path: str, threads: int, context: int) -> int:
-    from corral.bench_runtimes import peak_rss_mib
+    from corral.bench.runtimes import peak_rss_mib
 
     out = (child_corral if runtime == "corral" else child_llamacpp)(path, threads, context)
     out["peak_rss_mib"] = peak_rss_mib()

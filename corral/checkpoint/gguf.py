@@ -198,7 +198,8 @@ class RawTensor(NamedTuple):
 
     ggml_type: int
     data: torch.Tensor
-    """Flat uint8 view of the tensor's bytes in the mapped file (no copy; pages are shared with the page cache)."""
+    """Flat uint8 bytes: for K-quants and token tables a view of the mapped file (no copy; pages are shared
+    with the page cache), for other linears a copy (they are repacked anyway)."""
     shape: tuple[int, ...]
     """Torch order, e.g. (out, in)."""
 
@@ -227,7 +228,10 @@ def load_gguf_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.floa
         for meta, name in _tensor_names(gguf, config).items():
             info = gguf.tensors[name]
             if info.ggml_type in keep and (_NATIVE_LINEAR.fullmatch(meta) or meta == "tok_embeddings.weight"):
-                raw[meta] = RawTensor(info.ggml_type, gguf.raw_tensor(name), info.shape)
+                # K-quants and token tables run in place; Q4_0/Q4_1/Q8_0 linears are repacked from a copy
+                in_place = info.ggml_type in KQUANT_TYPES or meta == "tok_embeddings.weight"
+                data = gguf.raw_tensor(name) if in_place else gguf.copied_tensor(name)
+                raw[meta] = RawTensor(info.ggml_type, data, info.shape)
                 state_dict[meta] = torch.empty(info.shape, dtype=dtype, device="meta")
                 continue
             state_dict[meta] = gguf.tensor(name, dtype)

@@ -142,6 +142,19 @@ class GGUFFile:
         mapping lives until the last view is gone, even after ``close``."""
         return torch.from_numpy(self._view(name))
 
+    def copied_tensor(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a flat uint8 copy, its pages then dropped from this process's resident set
+        (the mapping stays; they come back from the page cache only if read again). For weights a caller
+        repacks anyway: without the drop, the mapped pages would count a second time while any view of the
+        file lives."""
+        info = self.tensors[name]
+        out = torch.from_numpy(self._view(name).copy())
+        page = mmap.PAGESIZE
+        start, end = -(-info.offset // page) * page, (info.offset + info.nbytes) // page * page
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return out
+
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized to `dtype`, shaped in torch order; always a fresh copy, never a view of the file."""
         info = self.tensors[name]

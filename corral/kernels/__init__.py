@@ -123,14 +123,11 @@ def _load() -> dict:
     cc = _compiler()
     if cc is None:
         return {"reason": f"no C compiler found ({os.environ.get('CORRAL_CC') or 'gcc/cc'})"}
-    simd = list(cpu_simd_flags())
-    errors = []
-    for flags in ([*BASE_FLAGS, *simd, "-pthread"],):
-        try:
-            return {"lib": _declare(ctypes.CDLL(str(_build(cc, flags)))), "flags": flags}
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            errors.append(str(exc))
-    return {"reason": "kernel build failed: " + " | ".join(errors)}
+    flags = [*BASE_FLAGS, *cpu_simd_flags(), "-pthread"]  # threads: pool.c (POSIX threads and Linux futexes)
+    try:
+        return {"lib": _declare(ctypes.CDLL(str(_build(cc, flags)))), "flags": flags}
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return {"reason": f"kernel build failed: {exc}"}
 
 
 def _get() -> dict:

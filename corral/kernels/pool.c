@@ -69,9 +69,9 @@ static void run_chunks(int slot) {
     for (;;) {
         uint64_t c = atomic_load_explicit(&P.next, memory_order_acquire);
         int64_t k = (int64_t)(c & 0xFFFFFFFFu);
-        corral_job_fn fn = atomic_load_explicit(&P.fn, memory_order_relaxed);
-        void *arg = atomic_load_explicit(&P.arg, memory_order_relaxed);
-        if (k >= atomic_load_explicit(&P.nchunks, memory_order_relaxed) ||
+        corral_job_fn fn = atomic_load_explicit(&P.fn, memory_order_acquire);
+        void *arg = atomic_load_explicit(&P.arg, memory_order_acquire);
+        if (k >= atomic_load_explicit(&P.nchunks, memory_order_acquire) ||
             slot >= atomic_load_explicit(&P.active, memory_order_relaxed))
             return;
         /* succeeds only while the counter still reads (this generation, k): the fields read above are this job's */
@@ -134,12 +134,17 @@ static int grow(int want) {
 void corral_parallel(corral_job_fn fn, void *arg, int64_t nchunks, int nthreads) {
     if (nthreads > 1 && nchunks > 1 && pthread_mutex_trylock(&P.busy) == 0) {
         int workers = grow(nthreads - 1);
-        atomic_store_explicit(&P.fn, fn, memory_order_relaxed);
-        atomic_store_explicit(&P.arg, arg, memory_order_relaxed);
-        atomic_store_explicit(&P.nchunks, nchunks, memory_order_relaxed);
-        atomic_store_explicit(&P.active, workers + 1 < nthreads ? workers + 1 : nthreads, memory_order_relaxed);
-        atomic_store_explicit(&P.done, 0, memory_order_relaxed);
+        /* Close the last job's counter before touching its fields. A worker may have read (gen, k) with k past
+           the old job's last chunk, then read this job's fn/arg/nchunks; its CAS must fail, so the counter moves
+           to the new generation (with an index no job reaches) first. The fields' release stores pair with the
+           workers' acquire loads: a worker that sees a new field also sees this closed counter. */
         P.gen++;
+        atomic_store(&P.next, (uint64_t)P.gen << 32 | 0xFFFFFFFFu);
+        atomic_store_explicit(&P.fn, fn, memory_order_release);
+        atomic_store_explicit(&P.arg, arg, memory_order_release);
+        atomic_store_explicit(&P.nchunks, nchunks, memory_order_release);
+        atomic_store_explicit(&P.active, workers + 1 < nthreads ? workers + 1 : nthreads, memory_order_release);
+        atomic_store_explicit(&P.done, 0, memory_order_relaxed);
         atomic_store_explicit(&P.next, (uint64_t)P.gen << 32, memory_order_release);
         atomic_fetch_add(&P.wake, 1);
         if (atomic_load(&P.sleepers) > 0) syscall(SYS_futex, &P.wake, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);

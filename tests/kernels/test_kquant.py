@@ -200,3 +200,35 @@ def test_without_kernels_the_forward_widens_for_the_call(monkeypatch):
     lin.__dict__.pop("_cache", None)
     w = torch.from_numpy(gguf_dequantize(raw, GT.Q6_K))
     assert torch.allclose(lin(x), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q6_K"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_k_quant_file_loads_in_place_and_matches_its_widened_load(tmp_path, qtype, tied):
+    """A Q4_K_M / Q6_K GGUF (our quantizer follows llama.cpp's mix): every linear and the token table stay
+    K-quant modules over the mapped file, fused q|k|v mixes types, and the logits match the fp32 load."""
+    import dataclasses
+
+    from corral.checkpoint.gguf_write import export_gguf
+    from corral.llm import _load_model
+    from corral.model.config import ModelConfig
+    from corral.model.llama import Transformer, init_weights_
+
+    config = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_hidden_dim=512,
+                         max_seq_len=64, tie_embeddings=tied)
+    torch.manual_seed(0)
+    model = init_weights_(Transformer(dataclasses.replace(config))).eval()
+    path = export_gguf(config, model.state_dict(), tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
+    _, native = _load_model(path, None, "gguf")
+    _, dense = _load_model(path, None, None)
+    layer = native.layers[0]
+    assert isinstance(native.tok_embeddings, KQuantEmbedding) and isinstance(native.output, KQuantLinear)
+    assert all(isinstance(m, KQuantLinear) for m in (layer.attention.wqkv, layer.attention.wo,
+                                                     layer.feed_forward.w13, layer.feed_forward.w2))
+    if qtype == "Q4_K_M":  # llama.cpp's mix keeps v (and w2) of some layers in Q6_K
+        assert (GT.Q4_K, GT.Q4_K, GT.Q6_K) in [lay.attention.wqkv.types for lay in native.layers]
+    tokens = torch.arange(1, 40).view(1, 39)
+    with torch.no_grad():
+        a, b = native(tokens), dense(tokens)
+    assert (a - b).abs().max() <= 0.05 * b.abs().max(), (a - b).abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
