@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -56,7 +57,7 @@ class Tally:
         kind = "valid" if valid else "invalid"
         route = re.sub(r"/[0-9a-f]{32}(?=/|$)", "/{id}", route)  # one row per route, not per conversation
         self.by_status[(kind, route, status)] += 1
-        if status == "transport" or (isinstance(status, int) and status >= 500):
+        if (status == "transport" or (isinstance(status, int) and status >= 500)) and len(self.failures) < 200:
             self.failures.append(f"{kind} {route} -> {status} {note[:200]}")
 
     def count(self, kind: str, bad) -> int:
@@ -285,11 +286,12 @@ ACTIONS = [(openai_chat, 4), (openai_completion, 3), (openai_embeddings, 2), (ol
 
 # -- the run ---------------------------------------------------------------------------------------
 async def client_loop(url: str, tally: Tally, rng: random.Random, stop_at: float, budget: list[int],
-                      first: list) -> None:
-    """`first` (this client's share of every action, so a short run still covers them all), then random picks."""
+                      first: list, server: subprocess.Popen) -> None:
+    """`first` (this client's share of every action, so a short run still covers them all), then random picks.
+    A server that died ends the run (its exit code is in the report)."""
     actions, weights = zip(*ACTIONS)
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        while time.monotonic() < stop_at and budget[0] > 0:
+        while time.monotonic() < stop_at and budget[0] > 0 and server.poll() is None:
             budget[0] -= 1
             action = first.pop(0) if first else rng.choices(actions, weights)[0]
             await action(client, tally, rng)
@@ -311,7 +313,8 @@ async def settle(url: str, timeout: float = 120) -> int:
         return left
 
 
-async def soak(url: str, pid: int, args) -> dict:
+async def soak(url: str, server: subprocess.Popen, args) -> dict:
+    pid = server.pid
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:  # warm-up: both models loaded once
         warm = Tally()
         await openai_chat(client, warm, random.Random(0))
@@ -323,12 +326,12 @@ async def soak(url: str, pid: int, args) -> dict:
     stop_at = began + args.minutes * 60
     sampler = asyncio.create_task(sample_every(pid, 5.0, samples, began))
     shares = [[action for action, _ in ACTIONS[i::args.workers]] for i in range(args.workers)]
-    await asyncio.gather(*(client_loop(url, tally, random.Random(args.seed + i), stop_at, budget, shares[i])
+    await asyncio.gather(*(client_loop(url, tally, random.Random(args.seed + i), stop_at, budget, shares[i], server)
                            for i in range(args.workers)))
     sampler.cancel()
-    left = await settle(url)
+    left = await settle(url) if server.poll() is None else -1
     await asyncio.sleep(2)  # closed client connections leave the server's descriptor table
-    end = process_sample(pid)
+    end = process_sample(pid) if server.poll() is None else start  # a dead server has nothing left to measure
     # Every model the mix loads has been loaded once by the end of the first quarter: RSS past that is growth.
     early = [rss for t, rss in samples if t <= max(args.minutes * 15, 5.0)] or [start[0]]
     return report(tally, (max(early), start[1]), end, left, args) | {
@@ -338,7 +341,8 @@ async def soak(url: str, pid: int, args) -> dict:
 async def sample_every(pid: int, seconds: float, out: list, began: float) -> None:
     while True:
         await asyncio.sleep(seconds)
-        out.append((time.monotonic() - began, process_sample(pid)[0]))
+        with contextlib.suppress(OSError):  # the server died: the report says so
+            out.append((time.monotonic() - began, process_sample(pid)[0]))
 
 
 def report(tally: Tally, start, end, left: int, args) -> dict:
@@ -374,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="corral-soak-") as home:
         proc, url = start_server(Path(home), args)
         try:
-            result = asyncio.run(soak(url, proc.pid, args))
+            result = asyncio.run(soak(url, proc, args))
         except Exception as exc:  # noqa: BLE001 -- still report, with the server log, and fail
             result = {"failed": ["crashed"], "error": repr(exc)}
         finally:

@@ -35,8 +35,9 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if is_disk_full(exc):
-            raise NoSpaceError(f"no space left on the device while writing {path.name}; "
-                               "the partial file was removed") from exc
+            full = NoSpaceError(f"no space left on the device while writing {path.name}; the partial file was removed")
+            full.errno = errno.ENOSPC  # numpy's short write carries none; the server answers ENOSPC with 507
+            raise full from exc
         raise
     fsync_directory(path.parent)
 
