@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from corral.server import ollama, openai, responses, web
-from corral.server.errors import install_handlers
+from corral.server.errors import AnswerUnexpectedErrors, install_handlers
 from corral.server.security import Guard
 from corral.server.state import ServerState
 
@@ -108,6 +108,7 @@ def build_app(state: ServerState, routers: tuple[str, ...] = tuple(ROUTERS)) -> 
         text = state.metrics.render(state.pool)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    app.add_middleware(AnswerUnexpectedErrors)  # added first = innermost: a 500 keeps its connection
     app.add_middleware(Guard, config=state.config)
     app.add_middleware(CountRequests, state=state)
     app.add_middleware(RequestId)  # added last = outermost: errors from the Guard carry the id too

@@ -19,6 +19,8 @@ the server open arbitrary files.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import hashlib
 import math
 import re
@@ -289,6 +291,7 @@ class ModelPool:
         if model in self._closing:
             self._closing.remove(model)
         model.close()  # stops the scheduler's worker thread; the weights go with the last reference
+        release_freed_memory()
 
     # -- housekeeping -----------------------------------------------------------------------------
     def expire(self, now: float | None = None) -> list[str]:
@@ -314,3 +317,14 @@ class ModelPool:
             self._close(model)
         for model in list(self._closing):
             self._close(model)
+
+
+def release_freed_memory() -> None:
+    """Hand the pages glibc keeps after a model closes back to the OS. Without it RSS climbs with every
+    load/unload cycle (417 -> 967 MiB over 15 keep_alive-0 cycles, flat ~540 with it) though nothing leaks."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): those allocators return memory their own way
+        return
+    gc.collect()  # the model's tensors go now, not at the next collection
+    libc.malloc_trim(0)

@@ -280,3 +280,26 @@ def test_repeated_log_lines_are_rate_limited():
         logger.removeHandler(handler)
     assert len(records) == 6
     assert "99995 similar lines dropped" in records[-1].getMessage()
+
+
+def test_an_unexpected_error_is_a_500_that_keeps_the_connection(make_server):
+    """A handler's unexpected exception answers a JSON 500, and the client's next request on the same
+    keep-alive connection is served (uvicorn closed it after Starlette re-raised: a reset on a valid request)."""
+    server = make_server()
+
+    async def boom():
+        raise RuntimeError("internal detail /home/someone")
+
+    server.server.config.app.router.add_api_route("/test-boom", boom, methods=["GET"])
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        for path, status in (("/test-boom", b"500"), ("/health", b"200")):
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            head = reader.readline()
+            assert status in head, head
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            body = reader.read(length)
+            assert b"/home/someone" not in body
