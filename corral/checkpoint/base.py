@@ -83,6 +83,14 @@ def check_layer_count(n_layers: int, n_tensors: int, *, field: str, path: str | 
                           path=path, field=field)
 
 
+def read_config_file(directory: Path, name: str) -> tuple[Path, dict]:
+    """A checkpoint directory's config (config.json, params.json): its path and its JSON object."""
+    path = directory / name
+    if not path.is_file():
+        raise FormatError(f"no {name}", path=str(directory))
+    return path, read_json_object(path)
+
+
 def read_json_object(path: Path) -> dict:
     """A small JSON config file (config.json, params.json, an index) as a dict, or a FormatError naming it."""
     try:

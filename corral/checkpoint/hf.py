@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from corral.checkpoint.atomic import write_atomic
-from corral.checkpoint.base import Checkpoint, permute_qk, read_json_object, unpermute_qk
+from corral.checkpoint.base import Checkpoint, permute_qk, read_config_file, read_json_object, unpermute_qk
 from corral.checkpoint.meta import check_state_dict, drop_tied_output
 from corral.checkpoint.safetensors_io import read_header, read_safetensors, write_safetensors
 from corral.errors import ConfigError, FormatError
@@ -262,10 +262,7 @@ def load_hf(directory: str | Path, dtype: torch.dtype | None = None, *, weights:
     meta-device tensors (shapes and dtypes).
     """
     directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FormatError("no config.json", path=str(directory))
-    hf_config = read_json_object(config_path)
+    config_path, hf_config = read_config_file(directory, "config.json")
     try:
         config = config_from_hf(hf_config)
     except FormatError as exc:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from corral.checkpoint.atomic import write_atomic
-from corral.checkpoint.base import Checkpoint, check_layer_count, read_json_object, weight_shapes
+from corral.checkpoint.base import Checkpoint, check_layer_count, read_config_file, weight_shapes
 from corral.errors import ConfigError, FormatError
 from corral.model.config import ModelConfig
 
@@ -154,10 +154,7 @@ def load_meta(directory: str | Path, dtype: torch.dtype | None = None, *, weight
     pickles are still opened (memory-mapped, ``weights_only``), so one that would run code is refused.
     """
     directory = Path(directory)
-    params_path = directory / "params.json"
-    if not params_path.is_file():
-        raise FormatError("no params.json", path=str(directory))
-    params = read_json_object(params_path)
+    params_path, params = read_config_file(directory, "params.json")
     try:
         config = ModelConfig.from_params(params)
     except ConfigError as exc:

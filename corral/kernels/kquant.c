@@ -201,11 +201,22 @@ static inline float kq_hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Sum over 8 groups of 32 codes: (unsigned codes . int8 activations) in int16 pairs, times each lane's int16
+   scale, in int32 lanes. Q4_K, Q5_K and Q6_K differ only in how q and sc were unpacked. */
+static inline __attribute__((always_inline)) __m256i kq_dot8(const __m256i *q, const __m256i *sc, const int8_t *xq) {
+    __m256i sumi = _mm256_setzero_si256();
+    UNROLL_KQ for (int g = 0; g < 8; g++) {
+        __m256i prod = _mm256_maddubs_epi16(q[g], _mm256_loadu_si256((const __m256i *)(xq + 32 * g)));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, sc[g]));
+    }
+    return sumi;
+}
+
 /* The weights of one Q4_K/Q5_K block ready for any number of activation rows: codes as 8 vectors of 32 bytes
    (sub-block j in q[j]), scales as int16 lanes, mins duplicated per 16 (matching bsum's pairs). */
 typedef struct {
     __m256i q[8];
-    int16_t sc[8];
+    __m256i sc[8]; /* sub-block j's scale in every int16 lane */
     __m256i mn;
     float d, dmin;
 } kq45_prep;
@@ -229,7 +240,7 @@ static inline __attribute__((always_inline)) void kq45_load(const uint8_t *blk, 
     }
     int16_t m2[16];
     for (int j = 0; j < 8; j++) {
-        p->sc[j] = sc[j];
+        p->sc[j] = _mm256_set1_epi16(sc[j]);
         m2[2 * j] = m2[2 * j + 1] = mn[j];
     }
     p->mn = _mm256_loadu_si256((const __m256i *)m2);
@@ -239,11 +250,7 @@ static inline __attribute__((always_inline)) void kq45_load(const uint8_t *blk, 
 
 static inline __attribute__((always_inline)) __m256 kq45_dot(const kq45_prep *p, const int8_t *xq, const int16_t *bs,
                                                             float dx, __m256 acc) {
-    __m256i sumi = _mm256_setzero_si256();
-    UNROLL_KQ for (int j = 0; j < 8; j++) {
-        __m256i prod = _mm256_maddubs_epi16(p->q[j], _mm256_loadu_si256((const __m256i *)(xq + 32 * j)));
-        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, _mm256_set1_epi16(p->sc[j])));
-    }
+    __m256i sumi = kq_dot8(p->q, p->sc, xq);
     __m256i corr = _mm256_madd_epi16(p->mn, _mm256_loadu_si256((const __m256i *)bs));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(p->d * dx), acc);
     return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(p->dmin * dx), acc);
@@ -279,11 +286,7 @@ static inline __attribute__((always_inline)) void kq6_load(const uint8_t *blk, k
 
 static inline __attribute__((always_inline)) __m256 kq6_dot(const kq6_prep *p, const int8_t *xq, const int16_t *bs,
                                                            float dx, __m256 acc) {
-    __m256i sumi = _mm256_setzero_si256();
-    UNROLL_KQ for (int g = 0; g < 8; g++) {
-        __m256i prod = _mm256_maddubs_epi16(p->q[g], _mm256_loadu_si256((const __m256i *)(xq + 32 * g)));
-        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, p->sc[g]));
-    }
+    __m256i sumi = kq_dot8(p->q, p->sc, xq);
     __m256i corr = _mm256_madd_epi16(p->sc16, _mm256_loadu_si256((const __m256i *)bs));
     sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(corr, 5));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(p->d * dx), acc);

@@ -19,6 +19,7 @@ from torch import nn
 
 from corral import kernels
 from corral.errors import ConfigError, FormatError
+from corral.kernels.linear import PointerCache
 
 GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 12, 13, 14
 KQ_BLOCK_BYTES = {GGML_Q4_K: 144, GGML_Q5_K: 176, GGML_Q6_K: 210}
@@ -55,7 +56,7 @@ def dequantize_rows(ggml_type: int, rows: torch.Tensor, in_features: int) -> tor
     return dequantize(rows.reshape(-1).cpu(), ggml_type, n * in_features, torch.float32, "kquant").view(n, -1)
 
 
-class KQuantLinear(nn.Module):
+class KQuantLinear(PointerCache):
     """y = x @ w.T with w as K-quant rows, in one or more stacked parts (each its own ggml type)."""
 
     def __init__(self, parts: list[tuple[int, torch.Tensor]], in_features: int):
@@ -88,15 +89,6 @@ class KQuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out, in) the kernel multiplies by."""
         return torch.cat([dequantize_rows(t, rows, self.in_features) for t, rows in self.parts()])
-
-    def _apply(self, *args, **kwargs):  # .to() / .cpu() replace the buffers: drop the stale pointers first
-        self.__dict__.pop("_cache", None)
-        return super()._apply(*args, **kwargs)
-
-    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: ctypes pointers do not travel
-        state = self.__dict__.copy()
-        state.pop("_cache", None)
-        return state
 
     def _kernel(self) -> tuple:
         """(buffers, C function or None, descriptor address, descriptor), rebuilt when a buffer is replaced."""

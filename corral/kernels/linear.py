@@ -28,7 +28,21 @@ SCHEMES = {"q4_0": GGML_Q4_0, "q4_1": GGML_Q4_1, "q8_0": GGML_Q8_0}
 QK, TR = kernels.QK, kernels.TILE_ROWS
 
 
-class BlockLinear(nn.Module):
+class PointerCache(nn.Module):
+    """A module whose kernel call keeps ctypes pointers to its buffers in ``_cache``: dropped whenever the
+    buffers may move or the module is copied."""
+
+    def _apply(self, *args, **kwargs):  # .to() / .cpu() replace the buffers: drop the stale pointers first
+        self.__dict__.pop("_cache", None)
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: ctypes pointers do not travel
+        state = self.__dict__.copy()
+        state.pop("_cache", None)
+        return state
+
+
+class BlockLinear(PointerCache):
     """y = x @ w.T with w in blocks of 32; Q4Linear and Q8Linear differ only in the block kind."""
 
     kind: int = -1
@@ -42,15 +56,6 @@ class BlockLinear(nn.Module):
         self.register_buffer("qs", qs)  # (T, nb, TR * code_bytes) uint8, layout in q4q8.c
         self.register_buffer("scales", scales)  # (T, nb, TR * 2) uint8: fp16 d
         self.register_buffer("mins", mins)  # like scales (Q4_1 m), or None (Q4_0: m = -8 d; Q8_0)
-
-    def _apply(self, *args, **kwargs):  # .to() / .cpu() replace the buffers: drop the stale pointers first
-        self.__dict__.pop("_cache", None)
-        return super()._apply(*args, **kwargs)
-
-    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: ctypes pointers do not travel
-        state = self.__dict__.copy()
-        state.pop("_cache", None)
-        return state
 
     # -- construction -----------------------------------------------------------------------------------------
     @classmethod

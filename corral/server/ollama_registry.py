@@ -80,20 +80,22 @@ def _push(store, ref: str, insecure: bool, report: Report) -> None:
                     status=lambda s: report({"status": s}))
 
 
-@api_router.post("/pull")
-async def pull(request: Request) -> Response:
+async def transfer(request: Request, move) -> Response:
+    """/api/pull and /api/push: the same body (model or name, insecure, stream), a different direction."""
     body = await read_body(request)
     ref, insecure = name_field(body, "model", "name"), flag(body, "insecure", False)
     store = get_state(request).store
-    return await progress_response(lambda report: _pull(store, ref, insecure, report), flag(body, "stream", True))
+    return await progress_response(lambda report: move(store, ref, insecure, report), flag(body, "stream", True))
+
+
+@api_router.post("/pull")
+async def pull(request: Request) -> Response:
+    return await transfer(request, _pull)
 
 
 @api_router.post("/push")
 async def push(request: Request) -> Response:
-    body = await read_body(request)
-    ref, insecure = name_field(body, "model", "name"), flag(body, "insecure", False)
-    store = get_state(request).store
-    return await progress_response(lambda report: _push(store, ref, insecure, report), flag(body, "stream", True))
+    return await transfer(request, _push)
 
 
 # -- receiving a blob ------------------------------------------------------------------------------------
