@@ -84,6 +84,13 @@ def start_server(home, **overrides) -> LiveServer:
 
 
 @pytest.fixture(scope="session")
+def start_live():
+    """start_server for fixtures of other scopes (`from conftest import` would find whichever conftest
+    module pytest imported first: tests/web has one too)."""
+    return start_server
+
+
+@pytest.fixture(scope="session")
 def corral_home(tmp_path_factory):
     """A store with the embedded model registered once for the whole session."""
     from corral.store import Store

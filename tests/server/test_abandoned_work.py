@@ -36,10 +36,8 @@ def wait_answered(server, route: str, before: int, timeout: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def long_server(corral_home):
-    from conftest import start_server
-
-    server = start_server(corral_home, context_length=4096)
+def long_server(corral_home, start_live):
+    server = start_live(corral_home, context_length=4096)
     with server.http() as h:
         h.post("/api/generate", json={"model": MODEL, "prompt": "Hi", "options": {"num_predict": 1}, "stream": False})
     yield server
