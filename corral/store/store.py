@@ -112,11 +112,12 @@ class Store:
             try:
                 name = parse_name("/".join(path.relative_to(self.manifests).parts[:3]) + ":" + path.name)
                 manifest = self.read_manifest(name)
+                data, mtime = path.read_bytes(), path.stat().st_mtime
             except (FormatError, ValueError, ModelNotFoundError):
                 continue
-            data = path.read_bytes()
-            out.append(ModelEntry(name, "sha256:" + hashlib.sha256(data).hexdigest(), manifest.total_size(),
-                                  path.stat().st_mtime))
+            except FileNotFoundError:  # removed by a concurrent delete after the listing: it is gone, not an error
+                continue
+            out.append(ModelEntry(name, "sha256:" + hashlib.sha256(data).hexdigest(), manifest.total_size(), mtime))
         return out
 
     # -- reading a model --------------------------------------------------------------------------

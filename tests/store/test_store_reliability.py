@@ -238,3 +238,33 @@ def test_model_removed_while_generating_finishes_and_a_sharing_model_still_loads
     assert "gen:latest" not in [str(e.name) for e in store.entries()]
     assert corral.load(store.model_path("twin")).config.dim == 64
     assert store.verify() == []
+
+
+def test_listing_skips_a_manifest_deleted_while_it_is_read(tmp_path, monkeypatch):
+    """A soak found /api/tags answering 500: a concurrent delete removed a manifest between the listing's
+    glob and its stat. A model that vanishes mid-listing is simply not listed."""
+    from pathlib import Path
+
+    from corral.store import Store
+
+    store = Store(tmp_path)
+    real_stat = Path.stat
+    # one manifest path that a concurrent delete removes at the moment the listing reads it
+    path = store.manifests / "corral.local" / "library" / "gone" / "latest"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"{}")
+
+    class Manifest:
+        def total_size(self):
+            return 0
+
+    monkeypatch.setattr(store, "read_manifest", lambda name: Manifest())
+
+    def stat(self, *args, **kwargs):
+        if self == path:
+            self.unlink(missing_ok=True)
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert store.entries() == []
