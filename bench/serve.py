@@ -4,7 +4,7 @@
     python bench/serve.py --clients 1,8 --rounds 3 --max-tokens 128 --json out.json
 
 Each server runs alone (one after the other, never together: they would share the 2 cores), on
-127.0.0.1 and a free port, over the same GGUF file. For each client count N, N clients start
+127.0.0.1, each on port 0 (the port it bound is read back), over the same GGUF file. For each client count N, N clients start
 together and each streams one /v1/chat/completions request (temperature 0, a different question
 each, max_tokens fixed). Reported per server and N: aggregate tokens/s (content chunks of all
 clients / wall time from the first request sent to the last stream closed) and the p50 / p99
@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,11 +54,21 @@ class Round:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
 
-def free_port() -> int:
-    """For llama.cpp's server, which cannot report the port it bound (corral serve takes port 0 instead)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def listening_port(proc: subprocess.Popen, timeout: float = 300) -> int:
+    """The port a server started with --port 0 bound (its LISTEN socket, through psutil): no port is picked
+    here and released, so another process cannot take it in between."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before listening")
+        ports = [c.laddr.port for c in psutil.Process(proc.pid).net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN]
+        if ports:
+            return ports[0]
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not listen within {timeout:.0f} s")
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -214,9 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc, base = start_corral(args.model, max(counts), home)
                 results[server] = bench_server(server, proc, base, args.model, counts, args.rounds, args.max_tokens)
         elif server == "llamacpp":
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            proc = start_llamacpp(args.model, port, args.threads)
+            proc = start_llamacpp(args.model, 0, args.threads)
+            base = f"http://127.0.0.1:{listening_port(proc)}"
             results[server] = bench_server(server, proc, base, args.model, counts, args.rounds, args.max_tokens)
         else:
             parser.error(f"unknown server {server!r}")
