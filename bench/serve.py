@@ -4,8 +4,8 @@
     python bench/serve.py --clients 1,8 --rounds 3 --max-tokens 128 --json out.json
 
 Each server runs alone (one after the other, never together: they would share the 2 cores), on
-127.0.0.1, each on port 0 (the port it bound is read back), over the same GGUF file. For each client count N, N clients start
-together and each streams one /v1/chat/completions request (temperature 0, a different question
+127.0.0.1 and port 0 (the port it bound is read back), over the same GGUF file. For each client
+count N, N clients start together and each streams one /v1/chat/completions request (temperature 0, a different question
 each, max_tokens fixed). Reported per server and N: aggregate tokens/s (content chunks of all
 clients / wall time from the first request sent to the last stream closed) and the p50 / p99
 time to first token; then Corral's ratios. Chunks are counted as tokens because both servers
