@@ -46,3 +46,22 @@ class ModelNotFoundError(CorralError, FileNotFoundError):
 
 class NoSpaceError(CorralError, OSError):
     """The disk filled up during a write; the partial file was removed and the old state kept."""
+
+
+class EvalDataError(FormatError):
+    """An evaluation data row is malformed; the message names the file, the line and the field."""
+
+    def __init__(self, message: str, *, path: str, line: int, field: str | None = None):
+        self.line = line
+        super().__init__(f"line {line}: {message}", path=path, field=field)
+
+
+class UnknownTaskError(CorralError, KeyError):
+    """An evaluation task name is not in the task table; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class EvalServerError(CorralError, ConnectionError):
+    """An evaluation server did not answer (after retries) or answered without what scoring needs."""
