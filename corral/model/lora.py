@@ -18,11 +18,12 @@ before quantizing or compiling; never after apply_fused_projections_ (wq/wk/wv a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from corral.errors import ConfigError
+from corral.errors import ConfigError, FormatError
 
 BLOCK_TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -102,6 +103,51 @@ def apply_lora(model: nn.Module, targets: tuple[str, ...] | list[str] = ATTENTIO
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
     return model
+
+
+def apply_lora_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], alphas: Mapping[str, float],
+                       dropout: float = 0.0) -> nn.Module:
+    """Stack a trained adapter on `model`: wrap each module named in `alphas` and load its A and B; returns model.
+
+    ``tensors`` holds "{module}.lora_a.weight" (r, in) and "{module}.lora_b.weight" (out, r) in Corral names
+    and Meta layout (corral.checkpoint.adapter reads them from PEFT and GGUF files); the rank is A's row count.
+    Everything is checked before the model changes; every other parameter is then frozen, as in apply_lora.
+    """
+    known = {f"{m}.lora_{ab}.weight" for m in alphas for ab in "ab"}
+    for name in tensors:
+        if name not in known:
+            raise FormatError("adapter tensor names no module with an alpha", field=name)
+    plan = [(name, *_checked_pair(model, name, tensors), alpha) for name, alpha in alphas.items()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module_name, base, a, b, alpha in plan:
+        check_lora_args([module_name.split(".", 2)[-1] if module_name != "output" else "output"],
+                        a.shape[0], alpha, dropout)
+        layer = LoRALinear(base, a.shape[0], alpha, dropout)
+        with torch.no_grad():
+            layer.lora_a.weight.copy_(a)
+            layer.lora_b.weight.copy_(b)
+        parent_name, _, attr = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+    return model
+
+
+def _checked_pair(model: nn.Module, module_name: str, tensors: Mapping[str, torch.Tensor]
+                  ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The base module and the adapter's A (r, in), B (out, r) for it; FormatError naming what does not fit."""
+    a, b = tensors.get(f"{module_name}.lora_a.weight"), tensors.get(f"{module_name}.lora_b.weight")
+    if a is None or b is None or a.dim() != 2 or b.dim() != 2:
+        raise FormatError("adapter needs a 2-d lora_a and lora_b for this module", field=module_name)
+    try:
+        base = model.get_submodule(module_name)
+    except AttributeError:
+        raise FormatError("adapter names a module this model does not have", field=module_name) from None
+    for name, t, expected in ((f"{module_name}.lora_a.weight", a, (a.shape[0], base.in_features)),
+                              (f"{module_name}.lora_b.weight", b, (base.out_features, a.shape[0]))):
+        if tuple(t.shape) != expected:
+            raise FormatError(f"adapter shape {tuple(t.shape)} does not fit the base model, which needs "
+                              f"{expected}: an adapter made for another base?", field=name)
+    return base, a, b
 
 
 def lora_module_names(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
