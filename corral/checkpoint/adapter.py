@@ -19,7 +19,7 @@ from torch import nn
 from corral.checkpoint.base import weight_shapes
 from corral.errors import FormatError, ModelNotFoundError, UnknownFormatError
 from corral.model.config import ModelConfig
-from corral.model.lora import apply_lora_weights
+from corral.model.lora import apply_lora_weights, lora_modules
 
 PEFT_CONFIG = "adapter_config.json"
 GGUF_MAGIC = b"GGUF"
@@ -32,7 +32,7 @@ class LoraAdapter:
     alphas: dict[str, float]
     """Module name (``layers.0.attention.wq``, ``output``) -> alpha; the scale is alpha / r."""
     format: str
-    """"peft" or "gguf"."""
+    """"peft", "gguf", or "corral" for one taken from a model in memory (adapter_of)."""
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
     """The format's own settings: PEFT's adapter_config.json, GGUF key/values."""
@@ -97,6 +97,17 @@ def load_adapter(path: str | Path, config: ModelConfig) -> LoraAdapter:
     from corral.checkpoint.gguf_lora import load_gguf_adapter
 
     return load_gguf_adapter(path, config)
+
+
+def adapter_of(model: nn.Module) -> LoraAdapter:
+    """The LoRA layers of `model` (apply_lora or apply_adapter put them there) as an adapter to save."""
+    modules = lora_modules(model)
+    if not modules:
+        raise FormatError("the model has no LoRA layers (apply_lora or apply_adapter first)")
+    tensors = {f"{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach()
+               for name, m in modules.items() for ab in "ab"}
+    return LoraAdapter(tensors=tensors, alphas={name: m.alpha for name, m in modules.items()}, format="corral",
+                       path=Path("."))
 
 
 def apply_adapter(model: nn.Module, adapter: LoraAdapter) -> nn.Module:

@@ -23,7 +23,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from corral.checkpoint.adapter import PEFT_CONFIG, LoraAdapter, check_adapter_shapes
 from corral.checkpoint.atomic import write_atomic
@@ -32,7 +31,6 @@ from corral.checkpoint.hf import hf_to_meta_key, meta_to_hf_key
 from corral.checkpoint.safetensors_io import read_safetensors, write_safetensors
 from corral.errors import FormatError
 from corral.model.config import ModelConfig
-from corral.model.lora import lora_modules
 
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -113,34 +111,34 @@ def load_peft_adapter(directory: str | Path, config: ModelConfig) -> LoraAdapter
     return LoraAdapter(tensors=tensors, alphas=alphas, format="peft", path=directory, metadata=cfg)
 
 
-def save_peft_adapter(model: nn.Module, directory: str | Path, *, base_model: str | None = None) -> Path:
-    """Write the LoRA layers of `model` as a PEFT directory that ``PeftModel.from_pretrained`` loads."""
+def save_peft_adapter(adapter: LoraAdapter, config: ModelConfig, directory: str | Path, *,
+                      base_model: str | None = None) -> Path:
+    """Write `adapter` (for a base of `config`) as a PEFT directory that ``PeftModel.from_pretrained`` loads.
+
+    ``save_peft_adapter(adapter_of(model), model.config, path)`` saves what apply_lora trained.
+    """
     directory = Path(directory)
-    modules = lora_modules(model)
-    if not modules:
-        raise FormatError("the model has no LoRA layers to save (apply_lora or apply_adapter first)")
-    config: ModelConfig = model.config
     tensors: dict[str, torch.Tensor] = {}
-    for name, m in modules.items():
-        b = m.lora_b.weight.detach()
-        if name.endswith("attention.wq"):
-            b = permute_qk(b, config.n_heads)
-        elif name.endswith("attention.wk"):
-            b = permute_qk(b, config.kv_heads)
-        tensors[peft_key(f"{name}.lora_a.weight")] = m.lora_a.weight.detach().contiguous()
-        tensors[peft_key(f"{name}.lora_b.weight")] = b.contiguous()
-    text = json.dumps(_adapter_config(modules, base_model), indent=2) + "\n"
+    for name, t in adapter.tensors.items():
+        if name.endswith("attention.wq.lora_b.weight"):
+            t = permute_qk(t, config.n_heads)
+        elif name.endswith("attention.wk.lora_b.weight"):
+            t = permute_qk(t, config.kv_heads)
+        tensors[peft_key(name)] = t.detach().contiguous()
+    ranks = {name.removesuffix(".lora_a.weight"): t.shape[0] for name, t in adapter.tensors.items()
+             if name.endswith(".lora_a.weight")}
+    text = json.dumps(_adapter_config(ranks, adapter.alphas, base_model), indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, directory / WEIGHTS, {"format": "pt"})
     write_atomic(directory / PEFT_CONFIG, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return directory
 
 
-def _adapter_config(modules: dict, base_model: str | None) -> dict:
+def _adapter_config(ranks: dict[str, int], alphas: dict[str, float], base_model: str | None) -> dict:
     """adapter_config.json: the most common rank and alpha, patterns (escaped full names) for the others."""
-    rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
-    alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
-    hf = {name: meta_to_hf_key(f"{name}.weight").removesuffix(".weight") for name in modules}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    hf = {name: meta_to_hf_key(f"{name}.weight").removesuffix(".weight") for name in ranks}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -149,8 +147,8 @@ def _adapter_config(modules: dict, base_model: str | None) -> dict:
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
         "target_modules": sorted({h.rpartition(".")[2] for h in hf.values()}),
-        "rank_pattern": {re.escape(hf[n]): m.rank for n, m in modules.items() if m.rank != rank},
-        "alpha_pattern": {re.escape(hf[n]): m.alpha for n, m in modules.items() if m.alpha != alpha},
+        "rank_pattern": {re.escape(hf[n]): r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(hf[n]): a for n, a in alphas.items() if a != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

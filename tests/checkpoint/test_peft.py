@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from corral.checkpoint.adapter import apply_adapter, load_adapter
+from corral.checkpoint.adapter import adapter_of, apply_adapter, load_adapter
 from corral.checkpoint.hf import load_hf
 from corral.checkpoint.peft import PREFIX, WEIGHTS, corral_key, peft_key, save_peft_adapter
 from corral.checkpoint.safetensors_io import read_safetensors, write_safetensors
@@ -86,7 +86,7 @@ def test_corral_saved_adapter_loads_in_peft_with_same_logits(base, tmp_path):
     random_b_(model)
     with torch.no_grad():
         ours = model(TOKENS)
-    save_peft_adapter(model, tmp_path / "adapter", base_model=str(path))
+    save_peft_adapter(adapter_of(model), model.config, tmp_path / "adapter", base_model=str(path))
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and set(cfg["target_modules"]) == {*HF_TARGETS, "lm_head"}
     theirs = hf_logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(path), tmp_path / "adapter").eval())
@@ -135,7 +135,7 @@ def test_peft_adapter_with_extra_layer_raises_format_error(base, tmp_path):
 def test_peft_adapter_config_unsupported_options_raise_format_error(base, tmp_path, change, field):
     hf, path = base
     model = apply_lora(corral_model(path), ["attention.wq"], rank=2, alpha=2)
-    save_peft_adapter(model, tmp_path / "a")
+    save_peft_adapter(adapter_of(model), model.config, tmp_path / "a")
     cfg_path = tmp_path / "a" / "adapter_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
     with pytest.raises(FormatError, match=field):
@@ -145,9 +145,26 @@ def test_peft_adapter_config_unsupported_options_raise_format_error(base, tmp_pa
 def test_peft_adapter_missing_lora_b_raises_format_error(base, tmp_path):
     _, path = base
     model = apply_lora(corral_model(path), ["attention.wq"], rank=2, alpha=2)
-    save_peft_adapter(model, tmp_path / "a")
+    save_peft_adapter(adapter_of(model), model.config, tmp_path / "a")
     tensors = read_safetensors(tmp_path / "a" / WEIGHTS)
     write_safetensors({k: v.clone() for k, v in tensors.items() if "layers.1.self_attn.q_proj.lora_B" not in k},
                       tmp_path / "a" / WEIGHTS)
     with pytest.raises(FormatError, match="lora_a without lora_b"):
         load_adapter(tmp_path / "a", model.config)
+
+
+def test_peft_adapter_with_alpha_pattern_round_trips_through_corral(base, tmp_path):
+    _, path = base
+    torch.manual_seed(3)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(path),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"],
+                                           rank_pattern={"k_proj": 2}, alpha_pattern={"down_proj": 2},
+                                           init_lora_weights=False)).eval()
+    theirs = hf_logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    config = corral_model(path).config
+    save_peft_adapter(load_adapter(tmp_path / "theirs", config), config, tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and len(cfg["rank_pattern"]) == 2 and len(cfg["alpha_pattern"]) == 2
+    again = hf_logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(path), tmp_path / "ours").eval())
+    torch.testing.assert_close(again, theirs, rtol=0, atol=1e-5)
