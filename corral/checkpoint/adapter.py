@@ -110,6 +110,21 @@ def adapter_of(model: nn.Module) -> LoraAdapter:
                        path=Path("."))
 
 
+def merge_adapter_weights(state_dict: dict[str, torch.Tensor], adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """A copy of `state_dict` (Meta names) with W + (alpha / r) B A for every module of `adapter`.
+
+    The same sum merge_lora forms on a model, for a checkpoint that is only written out again.
+    """
+    out = dict(state_dict)
+    for module, alpha in adapter.alphas.items():
+        a, b = adapter.tensors[f"{module}.lora_a.weight"], adapter.tensors[f"{module}.lora_b.weight"]
+        w = out.get(f"{module}.weight")
+        if w is None:  # e.g. an lm_head adapter on a tied model, which has no output weight
+            raise FormatError("adapter targets a weight the checkpoint does not have", field=f"{module}.weight")
+        out[f"{module}.weight"] = (w.float() + (alpha / a.shape[0]) * (b.float() @ a.float())).to(w.dtype)
+    return out
+
+
 def apply_adapter(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
     """Stack `adapter` on `model` as LoRA layers (merge_lora folds them in for float bases); returns model."""
     return apply_lora_weights(model, adapter.tensors, adapter.alphas)
