@@ -63,3 +63,22 @@ class DatasetError(CorralError, ValueError):
 
 class TemplateMismatchError(ChatFormatError):
     """A chat template and the tokenizer disagree (its turn markers are not the tokenizer's special tokens)."""
+
+
+class EvalDataError(FormatError):
+    """An evaluation data row is malformed; the message names the file, the line and the field."""
+
+    def __init__(self, message: str, *, path: str, line: int, field: str | None = None):
+        self.line = line
+        super().__init__(f"line {line}: {message}", path=path, field=field)
+
+
+class UnknownTaskError(CorralError, KeyError):
+    """An evaluation task name is not in the task table; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class EvalServerError(CorralError, ConnectionError):
+    """An evaluation server did not answer (after retries) or answered without what scoring needs."""
