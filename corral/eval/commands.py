@@ -143,3 +143,25 @@ def cmd_contamination(args: argparse.Namespace) -> int:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
     return 0
+
+
+def pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    from corral.train.commands import pretrain_arguments as train_arguments
+
+    train_arguments(p)
+    p.add_argument("--eval-tasks", default=None, metavar="TASKS",
+                   help="score these tasks each time the run validates; logged to TensorBoard as eval/TASK/METRIC")
+    p.add_argument("--eval-limit", type=int, default=None, help="examples per task for --eval-tasks")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Pretrain a Llama 3 model as a TOML config says; --section.key=value overrides any field."""
+    from corral.eval.during_training import task_callback
+    from corral.train.commands import cmd_pretrain as train_pretrain
+
+    picker = argparse.ArgumentParser(add_help=False)  # the options may also sit among the config overrides
+    picker.add_argument("--eval-tasks", default=args.eval_tasks)
+    picker.add_argument("--eval-limit", type=int, default=args.eval_limit)
+    picked, args.overrides = picker.parse_known_args(args.overrides)
+    hook = task_callback(parse_task_list(picked.eval_tasks), picked.eval_limit) if picked.eval_tasks else None
+    return train_pretrain(args, on_evaluate=hook)
