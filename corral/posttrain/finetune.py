@@ -171,14 +171,17 @@ def _sft(run: Run, data: Dataset, config: FinetuneConfig):
 
 
 def _rm(run: Run, data: Dataset, config: FinetuneConfig):
-    from corral.posttrain.reward import reward_evaluate, reward_objective
+    from corral.posttrain.reward import FeatureCache, reward_evaluate, reward_objective
 
     center = config.preference.center_rewards
+    cache = FeatureCache()  # used only while the trunk has nothing to train
 
     def evaluate() -> dict[str, float]:
-        return reward_evaluate(run.model, data.val, config.data.batch_size, center, run.device) if data.val else {}
+        if not data.val:
+            return {}
+        return reward_evaluate(run.model, data.val, config.data.batch_size, center, run.device, cache)
 
-    return reward_objective(center, run.device), evaluate
+    return reward_objective(center, run.device, cache), evaluate
 
 
 def _dpo(run: Run, data: Dataset, config: FinetuneConfig):
