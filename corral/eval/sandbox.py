@@ -60,6 +60,9 @@ class SandboxLimits:
                 "processes": self.processes}
 
 
+DEFAULT_LIMITS = SandboxLimits()
+
+
 @dataclass
 class SandboxResult:
     status: str
@@ -74,7 +77,7 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def run_python(source: str, limits: SandboxLimits = SandboxLimits(), *, mode: str | None = None) -> SandboxResult:
+def run_python(source: str, limits: SandboxLimits = DEFAULT_LIMITS, *, mode: str | None = None) -> SandboxResult:
     """Run `source` as a Python program in the sandbox; nothing it does outlives the call."""
     mode = mode or isolation()
     uid = (1 << 20) + secrets.randbelow(1 << 30) if mode == "root" else None
@@ -88,7 +91,7 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), *, mode: st
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_many(sources: list[str], limits: SandboxLimits = SandboxLimits(), workers: int = 2) -> list[SandboxResult]:
+def run_many(sources: list[str], limits: SandboxLimits = DEFAULT_LIMITS, workers: int = 2) -> list[SandboxResult]:
     """Programs run `workers` at a time; results in order."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(lambda s: run_python(s, limits), sources))
@@ -177,4 +180,4 @@ def describe(mode: str | None = None) -> str:
             "none": "resource limits and audit hook only (no kernel isolation available)"}[mode]
 
 
-__all__ = ["SandboxLimits", "SandboxResult", "describe", "isolation", "run_many", "run_python"]
+__all__ = ["DEFAULT_LIMITS", "SandboxLimits", "SandboxResult", "describe", "isolation", "run_many", "run_python"]
