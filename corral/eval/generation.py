@@ -1,7 +1,7 @@
 """Generation requests (lm-eval's `generate_until`) run through the engine, batched.
 
 Every request is submitted at once; the engine's continuous batching keeps its slots full and its
-prefix cache computes a shared few-shot prefix once per slot. Greedy unless samples > 1.
+prefix cache computes a shared few-shot prefix once per slot. Greedy unless a temperature is given.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ class GenRequest:
     """Stop strings: the output ends before the first one (and does not include it)."""
     max_gen_toks: int = 256
     samples: int = 1
-    """Completions of this prompt; more than 1 samples at `temperature` (pass@k), else greedy."""
-    temperature: float = 0.8
+    """Completions of this prompt (pass@k draws several at temperature > 0)."""
+    temperature: float = 0.0
+    """0 is greedy. Chen et al. 2021 sample at 0.8 for pass@k with large k (0.2 for pass@1), top_p 0.95."""
     seed: int = 1234
 
 
 def sampling_for(req: GenRequest) -> SamplingParams:
-    if req.samples == 1:
-        return SamplingParams(temperature=0.0, max_new_tokens=req.max_gen_toks)
-    # Chen et al. 2021 sample at T=0.8 for pass@k with large k (T=0.2 for pass@1); top_p 0.95.
+    if req.temperature == 0:
+        return SamplingParams(temperature=0.0, max_new_tokens=req.max_gen_toks, n=req.samples)
     return SamplingParams(temperature=req.temperature, top_p=0.95, n=req.samples, seed=req.seed,
                           max_new_tokens=req.max_gen_toks)
 
