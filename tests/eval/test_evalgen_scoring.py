@@ -88,3 +88,26 @@ def test_gsm8k_reference_answers_are_their_final_numbers():
 def test_gsm8k_wrong_numbers_score_zero():
     assert gsm8k.exact_match(["#### 5", "it is 6"], ["x\n#### 4", "y\n#### 7"]) == {
         "exact_match_strict": 0.0, "exact_match_flexible": 0.0}
+
+
+def test_run_generation_scores_given_completions_per_task():
+    from corral.eval.gentasks import run_generation
+
+    rows = _rows(DATA / "humaneval" / "humaneval_dev.jsonl")[:3]
+    by_prompt = {r["prompt"]: r["canonical_solution"] for r in rows}
+    seen = []
+
+    def generate(requests):
+        seen.extend(requests)
+        # a canonical body, then what a model often adds after it: the stop sequences must cut it
+        return [[by_prompt[r.prompt] + "\n\ndef extra():\n    raise SystemExit(1)\n"] for r in requests]
+
+    metrics, records = run_generation("humaneval", [r["prompt"] for r in rows], rows, generate)
+    assert metrics["pass@1"] == 1.0 and [r["passed"] for r in records] == [[True]] * 3
+    assert all(r.until == ("\ndef ", "\nclass ", "\nif ", "\nprint", "\n#") and r.temperature == 0 for r in seen)
+
+    gsm = _rows(DATA / "gsm8k" / "gsm8k_test_dev.jsonl")[:4]
+    outputs = [" It is " + gsm8k.reference(r["answer"]) + ".\n#### " + gsm8k.reference(r["answer"]) for r in gsm[:3]]
+    metrics, records = run_generation("gsm8k", ["Q"] * 4, gsm, lambda reqs: [[o] for o in outputs + ["#### -1"]])
+    assert metrics["exact_match_strict"] == 0.75 and metrics["exact_match_flexible"] == 0.75
+    assert records[3]["strict"] == "-1" and metrics["exact_match_strict_stderr"] > 0
