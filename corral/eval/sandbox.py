@@ -12,6 +12,8 @@ What is guaranteed depends on what the machine allows (`isolation()`):
 - "userns" (unprivileged user namespaces): no network; but files and processes of the calling
   user are reachable with that user's rights, stopped only by the Python audit hook.
 - "none": resource limits and the audit hook only.
+The audit hook (on by default) also refuses fork, exec, subprocesses, sockets and ctypes outright,
+since RLIMIT_NPROC binds nobody running as root.
 
 In every mode: CPU-seconds, address-space, file-size, process-count and open-file limits; a
 clean environment (HOME inside the work folder); a wall-clock timeout that kills the whole

@@ -15,7 +15,7 @@ the program could leave through, drops to a uid of its own, then runs the progra
    - "none": neither is available.
 2. resource limits (setrlimit): CPU seconds, address space, file size, process count (per uid,
    so only real under "root"), open files, no core files.
-3. a Python audit hook (PEP 578): no sockets, no subprocess/exec/spawn, no ctypes, no writes,
+3. a Python audit hook (PEP 578): no sockets, no fork/subprocess/exec/spawn, no ctypes, no writes,
    deletes or renames outside the work folder. Python code can be clever; the hook is a layer
    for "userns"/"none", not a wall. The kernel layers above are the walls.
 
@@ -83,7 +83,8 @@ def set_limits(limits: dict) -> None:
 
 BLOCKED_EVENTS = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto",
                   "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "pty.spawn",
-                  "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function", "os.kill", "os.killpg", "os.setuid"}
+                  "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function", "os.kill", "os.killpg", "os.setuid",
+                  "os.fork", "os.forkpty"}  # RLIMIT_NPROC binds only under "root": elsewhere, no fork at all
 PATH_EVENTS = {"os.remove": 0, "os.rmdir": 0, "os.rename": 1, "os.mkdir": 0, "os.chmod": 0, "os.chown": 0,
                "os.truncate": 0, "os.symlink": 1, "os.link": 1, "shutil.rmtree": 0, "os.utime": 0}
 
