@@ -21,7 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_FILE = "data/corpus/gutenberg/alice_in_wonderland.txt"  # the pretraining configs' held-out file
-CHARS = 6000
+CHARS = 4000
 MAX_LENGTH = 256
 GOLDEN = ROOT / "tests" / "golden" / "evalgen_smollm2_llamacpp_bpb.json"
 

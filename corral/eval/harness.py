@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lm_eval.api.model import LM
@@ -21,7 +22,6 @@ from tqdm import tqdm
 
 from corral.eval.generation import GenRequest, generate_local
 from corral.eval.loglik import LocalModel
-from corral.eval.models import open_model
 
 NAME = "corral"
 
@@ -66,6 +66,21 @@ def gen_request(context: str, kwargs: dict | None) -> GenRequest:
 
 def _bar(total: int, what: str, disable: bool):
     return tqdm(total=total, desc=f"corral {what}", disable=disable, unit="req")
+
+
+def open_model(pretrained: str | None, *, dtype: str | None = None, quant: str | None = None):
+    """A path (GGUF, HF or Meta directory), a store name, or None for the embedded default."""
+    import torch
+
+    import corral
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if pretrained is None or Path(pretrained).exists():
+        return corral.load(pretrained, torch_dtype, quant=quant)
+    from corral.store.load import load_stored
+    from corral.store.store import Store
+
+    return load_stored(Store(), pretrained, quant=quant, dtype=torch_dtype)[0]
 
 
 def register() -> None:
