@@ -6,12 +6,12 @@ returns each request's completions (generation.generate_local over the engine, o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.eval import gsm8k, humaneval
 from corral.eval.generation import GenRequest
+from corral.eval.metrics import mean_stderr
 
 Generate = Callable[[Sequence[GenRequest]], list[list[str]]]
 
@@ -32,7 +32,7 @@ def score_gsm8k(rows: Sequence[Mapping], outputs: list[list[str]], samples: int
     metrics = {}
     for kind in ("strict", "flexible"):
         hits = [float(r[kind] == r["gold"]) for r in records]
-        metrics[f"exact_match_{kind}"], metrics[f"exact_match_{kind}_stderr"] = _mean_stderr(hits)
+        metrics[f"exact_match_{kind}"], metrics[f"exact_match_{kind}_stderr"] = mean_stderr(hits)
     return metrics, records
 
 
@@ -42,8 +42,8 @@ def score_humaneval(rows: Sequence[Mapping], outputs: list[list[str]], samples: 
     results = humaneval.run_samples(rows, completions)
     ks = [k for k in (1, 10, 100) if k <= samples]
     metrics = humaneval.score(results, ks)
-    metrics["pass@1_stderr"] = _mean_stderr([humaneval.pass_at_k(len(r), sum(s.passed for s in r), 1)
-                                             for r in results])[1]
+    metrics["pass@1_stderr"] = mean_stderr([humaneval.pass_at_k(len(r), sum(s.passed for s in r), 1)
+                                            for r in results])[1]
     records = [{"task_id": r[0].task_id, "passed": [s.passed for s in r], "status": [s.status for s in r],
                 "error": [s.error for s in r], "completion": r[0].completion} for r in results]
     return metrics, records
@@ -73,13 +73,3 @@ def run_generation(name: str, prompts: Sequence[str], rows: Sequence[Mapping], g
         record["prompt_chars"] = len(prompt)
     return metrics, records
 
-
-def _mean_stderr(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return 0.0, 0.0
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)

@@ -51,3 +51,30 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning():
         kept = fit_prompt(ids, context=64, max_gen_toks=16)
     assert kept == ids[-48:] and caught and issubclass(caught[0].category, PromptTruncated)
     assert fit_prompt(ids[:10], context=64, max_gen_toks=16) == ids[:10]
+
+
+@pytest.mark.slow
+def test_generation_tasks_run_end_to_end_through_the_runner(llm):
+    from corral.eval.loglik import LocalModel
+    from corral.eval.runner import EvalSettings, evaluate
+    from corral.eval.tasks import get_task
+
+    seen = []
+    report = evaluate(LocalModel.from_llm(llm), [get_task("gsm8k"), get_task("humaneval")], EvalSettings(limit=2),
+                      progress_for=lambda task, total: seen.append((task.name, total)) or (lambda k: None))
+    values = {(r.task, r.metric): r for r in report.results}
+    assert set(values) == {("gsm8k", "exact_match_strict"), ("gsm8k", "exact_match_flexible"),
+                           ("humaneval", "pass@1")}
+    assert all(0.0 <= r.value <= 1.0 and r.n == 2 for r in report.results)
+    assert seen == [("gsm8k", 2), ("humaneval", 2)]
+
+
+def test_gsm8k_prompt_has_eight_worked_examples_in_lm_evals_shape():
+    from corral.eval.runner import EvalSettings, _docs, _prefixes
+    from corral.eval.tasks import get_task
+
+    task = get_task("gsm8k")
+    docs = _docs(task, EvalSettings(limit=1))
+    prompt = _prefixes(task, docs, EvalSettings(limit=1))[0] + docs[0].query
+    assert prompt.count("Question: ") == 9 and prompt.count("\n#### ") == 8
+    assert "Answer: " in prompt and "Answer:  " not in prompt and prompt.endswith("\nAnswer:")
