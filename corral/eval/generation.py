@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from corral.engine.engine import completion
 from corral.engine.sampling import SamplingParams
+from corral.errors import CorralError
 
 
 class PromptTruncated(UserWarning):
@@ -29,6 +30,8 @@ class GenRequest:
     temperature: float = 0.0
     """0 is greedy. Chen et al. 2021 sample at 0.8 for pass@k with large k (0.2 for pass@1), top_p 0.95."""
     seed: int = 1234
+    chat: bool = False
+    """Send the prompt as one user message through the model's chat template (instruct models)."""
 
 
 def sampling_for(req: GenRequest) -> SamplingParams:
@@ -48,6 +51,14 @@ def fit_prompt(ids: list[int], context: int, max_gen_toks: int) -> list[int]:
     return ids[len(ids) - room:]
 
 
+def encode_prompt(llm, req: GenRequest) -> list[int]:
+    if not req.chat:
+        return llm.tokenizer.encode(req.prompt, bos=llm.add_bos)
+    if llm.chat_format is None:
+        raise CorralError(f"--chat: {llm.name or 'this model'} carries no chat template")
+    return llm.chat_format.encode_dialog([{"role": "user", "content": req.prompt}], add_generation_prompt=True)
+
+
 def generate_local(llm, requests: Sequence[GenRequest], *, progress: Callable[[int], None] | None = None
                    ) -> list[list[str]]:
     """The completions of each request (a list of `samples` strings), in order.
@@ -57,7 +68,7 @@ def generate_local(llm, requests: Sequence[GenRequest], *, progress: Callable[[i
     engine = llm.engine
     submitted = []
     for req in requests:
-        ids = llm.tokenizer.encode(req.prompt, bos=llm.add_bos)
+        ids = encode_prompt(llm, req)
         ids = fit_prompt(ids, engine.max_seq_len, req.max_gen_toks)
         submitted.append(engine.submit(ids, sampling_for(req), stop=req.until))
     flat = [r for group in submitted for r in group]

@@ -20,11 +20,11 @@ Generate = Callable[[Sequence[GenRequest]], list[list[str]]]
 class GenTask:
     until: tuple[str, ...]
     max_gen_toks: int
-    score: Callable[[Sequence[Mapping], list[list[str]], int], tuple[dict[str, float], list[dict]]]
-    """(rows, completions per row, samples per row) -> (metrics, one record per row)."""
+    score: Callable[[Sequence[Mapping], list[list[str]], int, bool], tuple[dict[str, float], list[dict]]]
+    """(rows, completions per row, samples per row, chat) -> (metrics, one record per row)."""
 
 
-def score_gsm8k(rows: Sequence[Mapping], outputs: list[list[str]], samples: int
+def score_gsm8k(rows: Sequence[Mapping], outputs: list[list[str]], samples: int, chat: bool
                 ) -> tuple[dict[str, float], list[dict]]:
     firsts = [texts[0] for texts in outputs]
     records = [{"output": out, "gold": gsm8k.reference(row["answer"]), "strict": gsm8k.extract_strict(out),
@@ -36,9 +36,10 @@ def score_gsm8k(rows: Sequence[Mapping], outputs: list[list[str]], samples: int
     return metrics, records
 
 
-def score_humaneval(rows: Sequence[Mapping], outputs: list[list[str]], samples: int
+def score_humaneval(rows: Sequence[Mapping], outputs: list[list[str]], samples: int, chat: bool
                     ) -> tuple[dict[str, float], list[dict]]:
-    completions = [[humaneval.truncate(t) for t in texts] for texts in outputs]
+    extract = humaneval.from_chat if chat else (lambda row, text: humaneval.truncate(text))
+    completions = [[extract(row, t) for t in texts] for row, texts in zip(rows, outputs)]
     results = humaneval.run_samples(rows, completions)
     ks = [k for k in (1, 10, 100) if k <= samples]
     metrics = humaneval.score(results, ks)
@@ -57,18 +58,21 @@ GEN_TASKS: dict[str, GenTask] = {
 
 def run_generation(name: str, prompts: Sequence[str], rows: Sequence[Mapping], generate: Generate, *,
                    samples: int = 1, temperature: float | None = None, seed: int = 1234,
-                   max_gen_toks: int | None = None) -> tuple[dict[str, float], list[dict]]:
+                   max_gen_toks: int | None = None, chat: bool = False) -> tuple[dict[str, float], list[dict]]:
     """Generate for every prompt (rows[i] is prompts[i]'s data row), then score; (metrics, records).
 
     samples > 1 draws at temperature 0.8 unless told otherwise (Chen et al. 2021 for pass@k); 1 is greedy.
+    chat: each prompt goes as one user message through the chat template; with it the stop strings are
+    not applied (an instruct model answers in its own shape) and HumanEval takes the answer's code block.
     """
     task = GEN_TASKS[name]
     if temperature is None:
         temperature = 0.8 if samples > 1 else 0.0
-    requests = [GenRequest(p, until=task.until, max_gen_toks=max_gen_toks or task.max_gen_toks, samples=samples,
-                           temperature=temperature, seed=seed) for p in prompts]
+    until = () if chat else task.until
+    requests = [GenRequest(p, until=until, max_gen_toks=max_gen_toks or task.max_gen_toks, samples=samples,
+                           temperature=temperature, seed=seed, chat=chat) for p in prompts]
     outputs = generate(requests)
-    metrics, records = task.score(rows, outputs, samples)
+    metrics, records = task.score(rows, outputs, samples, chat)
     for record, prompt in zip(records, prompts):
         record["prompt_chars"] = len(prompt)
     return metrics, records

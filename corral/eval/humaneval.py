@@ -6,6 +6,7 @@ in the sandbox (corral.eval.sandbox); it passes when the program exits 0 within 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -78,6 +79,21 @@ def score(results: Sequence[Sequence[SampleResult]], ks: Sequence[int] = (1,)) -
         if k <= fewest:
             metrics[f"pass@{k}"] = sum(pass_at_k(len(r), sum(s.passed for s in r), k) for r in results) / len(results)
     return metrics
+
+
+FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", re.S)
+
+
+def from_chat(row: Mapping[str, str], answer: str) -> str:
+    """A chat answer as a completion: its first fenced code block, which usually repeats the whole function
+    (then it follows the prompt at the top level and redefines the function), else the text as a body."""
+    match = FENCE.search(answer)
+    if match is None:
+        return truncate(answer)
+    code = match.group(1)
+    if re.search(rf"^def {re.escape(row['entry_point'])}\(", code, re.M):
+        return "\n" + code
+    return truncate(code)
 
 
 def truncate(completion: str, stop: Sequence[str] = STOP) -> str:

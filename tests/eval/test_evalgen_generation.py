@@ -78,3 +78,14 @@ def test_gsm8k_prompt_has_eight_worked_examples_in_lm_evals_shape():
     prompt = _prefixes(task, docs, EvalSettings(limit=1))[0] + docs[0].query
     assert prompt.count("Question: ") == 9 and prompt.count("\n#### ") == 8
     assert "Answer: " in prompt and "Answer:  " not in prompt and prompt.endswith("\nAnswer:")
+
+
+def test_chat_request_goes_through_the_chat_template(llm):
+    from corral.eval.generation import encode_prompt
+
+    req = GenRequest("What is 2 + 2?", max_gen_toks=8, chat=True)
+    ids = encode_prompt(llm, req)
+    assert ids == llm.chat_format.encode_dialog([{"role": "user", "content": req.prompt}])
+    ((text,),) = generate_local(llm, [req])
+    assert text == llm.chat([{"role": "user", "content": req.prompt}], temperature=0,
+                            max_new_tokens=8).text

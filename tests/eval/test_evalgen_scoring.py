@@ -111,3 +111,13 @@ def test_run_generation_scores_given_completions_per_task():
     metrics, records = run_generation("gsm8k", ["Q"] * 4, gsm, lambda reqs: [[o] for o in outputs + ["#### -1"]])
     assert metrics["exact_match_strict"] == 0.75 and metrics["exact_match_flexible"] == 0.75
     assert records[3]["strict"] == "-1" and metrics["exact_match_strict_stderr"] > 0
+
+
+def test_chat_answers_code_block_is_taken_as_the_solution():
+    row = _rows(DATA / "humaneval" / "humaneval_dev.jsonl")[0]
+    whole = "Sure! Here it is:\n```python\n" + row["prompt"] + row["canonical_solution"] + "```\nHope it helps."
+    body_only = "```\n" + row["canonical_solution"] + "```"
+    wrong = "```python\ndef " + row["entry_point"] + "(*args):\n    return None\n```"
+    completions = [humaneval.from_chat(row, a) for a in (whole, body_only, wrong)]
+    results = humaneval.run_samples([row], [completions])
+    assert [s.passed for s in results[0]] == [True, True, False]
