@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -99,8 +98,8 @@ def test_adapter_served_through_create_and_openai_client(adapter, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "corral", "serve", "--port", "0", "--port-file", str(port_file),
                                  "--log-level", "warning"], cwd=ROOT, env=_env(home), stdout=log_file, stderr=log_file)
     try:
+        # The socket listens before the port file is written; requests queue until the app serves them.
         url = f"http://127.0.0.1:{_wait_port(port_file, proc, log)}"
-        _wait_healthy(url, proc, log)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
         reply = client.chat.completions.create(model="corral-identity", temperature=0, max_tokens=24,
                                                messages=[{"role": "user", "content": "Who are you?"}])
@@ -118,15 +117,3 @@ def _wait_port(port_file: Path, proc: subprocess.Popen, log: Path, timeout: floa
         time.sleep(0.1)
     return int(port_file.read_text())
 
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as res:
-                if res.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("corral serve did not become healthy")
