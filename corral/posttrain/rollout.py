@@ -121,10 +121,10 @@ def rollout_batches(actor: ActorCritic, reference: nn.Module, samples: Sequence[
     for part in order.split(size):
         idx = part.to(device)
         used = int(mask[idx].any(0).nonzero().max()) + 1  # trim the padding this minibatch does not need
-        take = (lambda x: x[idx, :used])
-        batches.append(PPOBatch(tokens=take(tokens), targets=take(targets), mask=take(mask),
-                                old_logp=take(old_logp), old_values=take(old_values), advantages=take(advantages),
-                                returns=take(returns), kl=take(kl), scores=scores[part]))
+        rows_of = {name: x[idx, :used] for name, x in (("tokens", tokens), ("targets", targets), ("mask", mask),
+                   ("old_logp", old_logp), ("old_values", old_values), ("advantages", advantages),
+                   ("returns", returns), ("kl", kl))}
+        batches.append(PPOBatch(**rows_of, scores=scores[part]))
     return batches
 
 
