@@ -6,8 +6,8 @@ then SFT on the kept responses; repeated for several rounds, each sampling from 
 ``RejectionSource`` is the BatchSource of the one training loop (corral.train.loop): each round gives
 ``steps_per_round`` SFT micro-batches; the next round is sampled when they are spent. Sampling runs on
 Corral's engine over the live model, its prefix cache cleared first (cached keys came from older weights).
-Each round also records the greedy score on held prompts before its SFT, so the run shows the score
-round over round.
+``greedy_score`` on held prompts, run as the loop's evaluation every ``steps_per_round`` steps, shows the
+score round over round.
 """
 
 from __future__ import annotations
@@ -76,14 +76,13 @@ class RejectionSource:
     """A BatchSource of SFT micro-batches over each round's best-of-k responses (see the module docstring)."""
 
     def __init__(self, model: nn.Module, engine, prompts: Sequence[Sequence[int]], texts: Sequence[str],
-                 scorer: Scorer, params: RSParams, held: Sequence[Sequence[int]] = (), held_texts: Sequence[str] = ()):
+                 scorer: Scorer, params: RSParams):
         self.model, self.engine, self.scorer, self.params = model, engine, scorer, params
         self.prompts, self.texts = [list(p) for p in prompts], list(texts)
-        self.held, self.held_texts = [list(p) for p in held], list(held_texts)
         self.round = 0
         self.queue: list[SFTBatch] = []
         self.history: list[dict[str, float]] = []
-        """One record per round: greedy held score before its SFT, mean sampled score, mean kept score."""
+        """One record per round: the mean score of all samples and of the kept ones."""
 
     def _sample_round(self) -> tuple[list[Sample], list[float], float]:
         p = self.params
@@ -101,13 +100,11 @@ class RejectionSource:
         was_training = self.model.training
         self.model.eval()
         try:
-            held = (greedy_score(self.engine, self.held, self.held_texts, self.scorer, p.max_new_tokens)
-                    if self.held else float("nan"))
             kept, best, sampled = self._sample_round()
         finally:
             self.model.train(was_training)
         self.round += 1
-        stats = {"round": float(self.round), "held_greedy_score": held, "sample_score": sampled,
+        stats = {"round": float(self.round), "sample_score": sampled,
                  "kept_score": sum(best) / len(best)}
         self.history.append(stats)
         device = self.model.norm.weight.device
@@ -132,12 +129,13 @@ class RejectionSource:
 
 
 def build_rejection_source(model: nn.Module, tokenizer, stop_ids, prompts: Sequence[Sequence[int]],
-                           texts: Sequence[str], scorer: Scorer, params: RSParams,
-                           held: Sequence[Sequence[int]] = (), held_texts: Sequence[str] = ()) -> RejectionSource:
-    """An engine over the live model (k samples of a prompt share its prefill) and the source."""
+                           texts: Sequence[str], scorer: Scorer, params: RSParams, max_prompt_len: int = 0
+                           ) -> RejectionSource:
+    """An engine over the live model (k samples of a prompt share its prefill) and the source. max_prompt_len:
+    the longest prompt anyone else (an evaluation) will give the engine, if longer than these."""
     from corral.engine.engine import Engine
 
-    longest = max(len(x) for x in [*prompts, *held]) + params.max_new_tokens + 2
+    longest = max(max_prompt_len, *(len(x) for x in prompts)) + params.max_new_tokens + 2
     engine = Engine(model, tokenizer, stop_ids=stop_ids, max_seq_len=longest,
                     max_batch_size=min(16, params.k * params.prompts_per_round))
-    return RejectionSource(model, engine, prompts, texts, scorer, params, held, held_texts)
+    return RejectionSource(model, engine, prompts, texts, scorer, params)
