@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from corral.posttrain.data import TokenBatch
 from corral.posttrain.rollout import Sample, Scorer, pack, sample_responses, score_samples
-from corral.train.loss import sequence_logprobs
+from corral.posttrain.sft import sft_loss
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,8 @@ class RSParams:
 
 @dataclass
 class SFTBatch:
-    tokens: torch.Tensor
-    """(B, T) prompt + kept response, right-padded."""
-    targets: torch.Tensor
-    """(B, T) next tokens on the response, IGNORE_INDEX elsewhere: loss on the assistant's tokens only."""
+    batch: TokenBatch
+    """Prompt + kept response per row, right-padded; targets only on the response (loss on the assistant's tokens)."""
     stats: dict[str, float] = field(default_factory=dict)
     """The round's figures, logged with every step of it."""
 
@@ -57,10 +56,9 @@ def best_of_k(samples: Sequence[Sample], scores: torch.Tensor, k: int) -> tuple[
 
 
 def rs_sft_loss(model: nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean -log p of the kept responses' tokens (SFT, loss on the response only); a loss_fn for train_loop."""
-    logp = sequence_logprobs(model, batch.tokens, batch.targets)  # (B, T), 0 off the response
-    n = (batch.targets != -100).sum()
-    return -logp.sum() / n.clamp(min=1), {"tokens": int(n), **batch.stats}
+    """The SFT objective's loss (corral.posttrain.sft) on the kept responses, with the round's figures."""
+    loss, metrics = sft_loss(model, batch.batch)
+    return loss, {**metrics, **batch.stats}
 
 
 @torch.no_grad()
@@ -111,8 +109,10 @@ class RejectionSource:
         order = [i % len(kept) for i in range(p.steps_per_round * p.batch_size)]  # epochs over the kept set
         batches = []
         for start in range(0, len(order), p.batch_size):
-            tokens, targets, _ = pack([kept[i] for i in order[start:start + p.batch_size]], device)
-            batches.append(SFTBatch(tokens, targets, stats))
+            rows = [kept[i] for i in order[start:start + p.batch_size]]
+            tokens, targets, _ = pack(rows, device)  # (B, L - 1) each
+            lengths = torch.tensor([len(r.prompt) + len(r.response) - 1 for r in rows], device=device)
+            batches.append(SFTBatch(TokenBatch(tokens, targets, lengths), stats))
         return batches
 
     def next_batch(self) -> SFTBatch:

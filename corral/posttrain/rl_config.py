@@ -14,14 +14,14 @@ from corral.errors import ConfigError
 @dataclass
 class RewardConfig:
     kind: str = "keyword"
-    """Which programmatic reward scores responses (corral.posttrain.rewards.REWARDS); "model" uses a trained
-    reward model (reward.model_path)."""
+    """What scores responses (corral.posttrain.rewards.REWARDS): "keyword" (a program) or "model" (a reward
+    model trained by objective = "rm", at reward.model_path)."""
     keyword: str = "Here"
     """kind = "keyword": the word a good response contains (whole word, any case)."""
     max_words: int = 12
     """kind = "keyword": a good response has at most this many words."""
     model_path: str = ""
-    """kind = "model": a reward-model checkpoint written by the "rm" objective."""
+    """kind = "model": the model directory a reward-model run wrote (with reward_head.safetensors)."""
 
 
 @dataclass
@@ -92,10 +92,10 @@ def check_rl_sections(ppo: PPOConfig, rs: RSConfig, reward: RewardConfig) -> Non
                           "(ppo.prompts_per_rollout * ppo.samples_per_prompt)")
 
 
-def build_scorer(config: RewardConfig) -> Callable[[str, str], float]:
+def build_scorer(config: RewardConfig, chat_format) -> Callable[[str, str], float]:
     """The [reward] table as a score(prompt, response) callable."""
     from corral.posttrain.rewards import REWARDS
 
     if config.kind not in REWARDS:
         raise ConfigError(f"reward.kind {config.kind!r} is unknown; choose one of {', '.join(REWARDS)}")
-    return REWARDS[config.kind](config.keyword, config.max_words)
+    return REWARDS[config.kind](config, chat_format)

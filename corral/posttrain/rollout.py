@@ -23,10 +23,8 @@ from torch import nn
 
 from corral.engine.sampling import SamplingParams
 from corral.posttrain.ppo import ActorCritic, PPOBatch, gae_advantages, kl_penalty, whiten
+from corral.posttrain.rewards import Scorer
 from corral.train.loss import IGNORE_INDEX, sequence_logprobs
-
-Scorer = Callable[[str, str], float]
-"""score(prompt text, response text) -> reward: a program (corral.posttrain.rewards) or a reward model."""
 
 
 @dataclass(frozen=True)
@@ -191,14 +189,18 @@ class RolloutSource:
 
 def build_rollout_source(actor: ActorCritic, tokenizer, stop_ids, prompts: Sequence[Sequence[int]],
                          prompt_texts: Sequence[str], scorer: Scorer, params: RolloutParams,
-                         precision: Callable[[], AbstractContextManager] = nullcontext) -> RolloutSource:
-    """A frozen copy of the policy as it is now (the KL reference), an engine over the live policy, the source."""
+                         precision: Callable[[], AbstractContextManager] = nullcontext, max_prompt_len: int = 0
+                         ) -> RolloutSource:
+    """A frozen copy of the policy as it is now (the KL reference), an engine over the live policy, the source.
+
+    max_prompt_len: the longest prompt an evaluation will give the engine, when longer than these.
+    """
     import copy
 
     from corral.engine.engine import Engine
 
     reference = copy.deepcopy(actor.policy).requires_grad_(False).eval()
-    longest = max(len(p) for p in prompts) + params.max_new_tokens + 2
+    longest = max(max_prompt_len, *(len(p) for p in prompts)) + params.max_new_tokens + 2
     engine = Engine(actor.policy, tokenizer, stop_ids=stop_ids, max_seq_len=longest,
                     max_batch_size=params.prompts_per_rollout * params.samples_per_prompt)
     return RolloutSource(actor, reference, engine, prompts, prompt_texts, scorer, params, precision)
