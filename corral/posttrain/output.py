@@ -105,7 +105,7 @@ def _save_adapter(run, config: FinetuneConfig) -> Path | None:
     if run.rank != 0:
         return None
     out = Path(config.output.dir or Path(config.out_dir) / "adapter")
-    return save_adapter(run.model, out)
+    return save_adapter(getattr(run.model, "policy", run.model), out)  # PPO's ActorCritic: the policy's adapter
 
 
 def store_model(path: Path, name: str) -> None:
