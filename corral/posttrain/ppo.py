@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from corral.posttrain.rl_config import PPOConfig
 from corral.train.loss import linear_logprobs, output_weight
 
 
@@ -143,21 +144,9 @@ class PPOBatch:
     """The reward's score of each response, before the KL penalty."""
 
 
-@dataclass(frozen=True)
-class PPOParams:
-    """The loss's knobs (rollout knobs live with the rollout source)."""
-
-    clip: float = 0.2
-    """eps of the clipped ratio (arXiv 1707.06347 uses 0.1-0.3)."""
-    value_clip: float = 0.2
-    """How far the value may move from the rollout's before its loss stops pulling."""
-    vf_coef: float = 0.1
-    """Weight of the value loss in the shared-trunk total loss."""
-
-
-def ppo_loss(model: ActorCritic, batch: PPOBatch, params: PPOParams = PPOParams()
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-    """loss_fn for corral.train.loop.train_loop: policy loss + vf_coef * value loss, and the run's metrics."""
+def ppo_loss(model: ActorCritic, batch: PPOBatch, params: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """loss_fn for corral.train.loop.train_loop: policy loss + vf_coef * value loss (clip, value_clip, vf_coef
+    of the [ppo] section), and the run's metrics."""
     logp, values = model(batch.tokens, batch.targets)  # (B, T) each, current weights
     policy_loss, clip_frac = ppo_policy_loss(logp, batch.old_logp, batch.advantages, batch.mask, params.clip)
     value_loss = ppo_value_loss(values, batch.old_values, batch.returns, batch.mask, params.value_clip)

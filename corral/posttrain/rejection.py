@@ -21,20 +21,9 @@ import torch
 from torch import nn
 
 from corral.posttrain.data import TokenBatch
+from corral.posttrain.rl_config import RSConfig
 from corral.posttrain.rollout import Sample, Scorer, pack, sample_responses, score_samples
 from corral.posttrain.sft import sft_loss
-
-
-@dataclass(frozen=True)
-class RSParams:
-    k: int = 4
-    rounds: int = 3
-    prompts_per_round: int = 12
-    steps_per_round: int = 4
-    batch_size: int = 4
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    seed: int = 0
 
 
 @dataclass
@@ -74,8 +63,8 @@ class RejectionSource:
     """A BatchSource of SFT micro-batches over each round's best-of-k responses (see the module docstring)."""
 
     def __init__(self, model: nn.Module, engine, prompts: Sequence[Sequence[int]], texts: Sequence[str],
-                 scorer: Scorer, params: RSParams):
-        self.model, self.engine, self.scorer, self.params = model, engine, scorer, params
+                 scorer: Scorer, params: RSConfig, seed: int = 0):
+        self.model, self.engine, self.scorer, self.params, self.seed = model, engine, scorer, params, seed
         self.prompts, self.texts = [list(p) for p in prompts], list(texts)
         self.round = 0
         self.queue: list[SFTBatch] = []
@@ -84,11 +73,11 @@ class RejectionSource:
 
     def _sample_round(self) -> tuple[list[Sample], list[float], float]:
         p = self.params
-        rng = random.Random(p.seed + self.round)
+        rng = random.Random(self.seed + self.round)
         picked = rng.sample(range(len(self.prompts)), min(p.prompts_per_round, len(self.prompts)))
         self.engine.clear_prefix_cache()  # the cached keys and values came from the weights before the last SFT
         samples = sample_responses(self.engine, [self.prompts[i] for i in picked], p.k, p.max_new_tokens,
-                                   seed=p.seed + 7919 * self.round, temperature=p.temperature)
+                                   seed=self.seed + 7919 * self.round, temperature=p.temperature)
         scores = score_samples(samples, [self.texts[i] for i in picked for _ in range(p.k)], self.scorer)
         kept, best = best_of_k(samples, scores, p.k)
         return kept, best, float(scores.mean())
@@ -129,8 +118,8 @@ class RejectionSource:
 
 
 def build_rejection_source(model: nn.Module, tokenizer, stop_ids, prompts: Sequence[Sequence[int]],
-                           texts: Sequence[str], scorer: Scorer, params: RSParams, max_prompt_len: int = 0
-                           ) -> RejectionSource:
+                           texts: Sequence[str], scorer: Scorer, params: RSConfig, seed: int = 0,
+                           max_prompt_len: int = 0) -> RejectionSource:
     """An engine over the live model (k samples of a prompt share its prefill) and the source. max_prompt_len:
     the longest prompt anyone else (an evaluation) will give the engine, if longer than these."""
     from corral.engine.engine import Engine
@@ -138,4 +127,4 @@ def build_rejection_source(model: nn.Module, tokenizer, stop_ids, prompts: Seque
     longest = max(max_prompt_len, *(len(x) for x in prompts)) + params.max_new_tokens + 2
     engine = Engine(model, tokenizer, stop_ids=stop_ids, max_seq_len=longest,
                     max_batch_size=min(16, params.k * params.prompts_per_round))
-    return RejectionSource(model, engine, prompts, texts, scorer, params)
+    return RejectionSource(model, engine, prompts, texts, scorer, params, seed)

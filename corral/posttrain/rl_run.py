@@ -83,25 +83,20 @@ def _check_one_process(run) -> None:
 
 def ppo_objective(run, base, config) -> tuple[Any, Callable, Callable[[], dict[str, float]]]:
     """(RolloutSource, ppo_loss, evaluate: reward and KL on held prompts); run.model is the ActorCritic."""
-    from corral.posttrain.ppo import PPOParams, ppo_loss
-    from corral.posttrain.rollout import RolloutParams, build_rollout_source, evaluate_policy
+    from corral.posttrain.ppo import ppo_loss
+    from corral.posttrain.rollout import build_rollout_source, evaluate_policy
     from corral.train.loop import autocast
 
     _check_one_process(run)
     c = config.ppo
     train, held = read_prompts(config.data.train, config.data.val)
-    params = RolloutParams(prompts_per_rollout=c.prompts_per_rollout, samples_per_prompt=c.samples_per_prompt,
-                           max_new_tokens=c.max_new_tokens, kl_coef=c.kl_coef, gamma=c.gamma, lam=c.lam,
-                           epochs=c.epochs, minibatches=c.minibatches, missing_eos_penalty=c.missing_eos_penalty,
-                           seed=config.train.seed)
-    loss_params = PPOParams(clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef)
     held_ids = render_prompts(base.chat_format, held)
     source = build_rollout_source(run.model, base.tokenizer, _stop_ids(base), render_prompts(base.chat_format, train),
-                                  train, _scorer(config, base), params, precision=lambda: autocast(run),
+                                  train, _scorer(config, base), c, config.train.seed, precision=lambda: autocast(run),
                                   max_prompt_len=max(map(len, held_ids), default=0))
 
     def loss_fn(model, batch):
-        return ppo_loss(model, batch, loss_params)
+        return ppo_loss(model, batch, c)
 
     def evaluate() -> dict[str, float]:
         if not held:
@@ -113,18 +108,15 @@ def ppo_objective(run, base, config) -> tuple[Any, Callable, Callable[[], dict[s
 
 def rs_objective(run, base, config) -> tuple[Any, Callable, Callable[[], dict[str, float]]]:
     """(RejectionSource, SFT loss on the kept responses, evaluate: the greedy score on held prompts)."""
-    from corral.posttrain.rejection import RSParams, build_rejection_source, greedy_score, rs_sft_loss
+    from corral.posttrain.rejection import build_rejection_source, greedy_score, rs_sft_loss
 
     _check_one_process(run)
     c = config.rs
     train, held = read_prompts(config.data.train, config.data.val)
-    params = RSParams(k=c.k, rounds=c.rounds, prompts_per_round=c.prompts_per_round,
-                      steps_per_round=c.steps_per_round, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
-                      temperature=c.temperature, seed=config.train.seed)
     scorer = _scorer(config, base)
     held_ids = render_prompts(base.chat_format, held)
     source = build_rejection_source(run.model, base.tokenizer, _stop_ids(base),
-                                    render_prompts(base.chat_format, train), train, scorer, params,
+                                    render_prompts(base.chat_format, train), train, scorer, c, config.train.seed,
                                     max_prompt_len=max(map(len, held_ids), default=0))
 
     def loss_fn(model, batch):

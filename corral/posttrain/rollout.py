@@ -24,26 +24,8 @@ from torch import nn
 from corral.engine.sampling import SamplingParams
 from corral.posttrain.ppo import ActorCritic, PPOBatch, gae_advantages, kl_penalty, whiten
 from corral.posttrain.rewards import Scorer
+from corral.posttrain.rl_config import PPOConfig
 from corral.train.loss import IGNORE_INDEX, sequence_logprobs
-
-
-@dataclass(frozen=True)
-class RolloutParams:
-    prompts_per_rollout: int = 8
-    samples_per_prompt: int = 2
-    max_new_tokens: int = 32
-    kl_coef: float = 0.05
-    """beta of the per-token KL penalty to the reference (InstructGPT's KL reward coefficient)."""
-    gamma: float = 1.0
-    """GAE discount; 1 for a reward that arrives once at the end of a response."""
-    lam: float = 0.95
-    """GAE lambda: 0 is the one-step TD advantage, 1 the Monte-Carlo return minus the value."""
-    epochs: int = 1
-    """Passes over each rollout (each minibatch is one optimizer step); above 1 the ratio clip matters."""
-    minibatches: int = 1
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the score of a response the length limit cut off (it never ended its turn)."""
-    seed: int = 0
 
 
 @dataclass
@@ -101,7 +83,7 @@ def score_samples(samples: Sequence[Sample], prompt_texts: Sequence[str], scorer
 
 @torch.no_grad()
 def rollout_batches(actor: ActorCritic, reference: nn.Module, samples: Sequence[Sample], scores: torch.Tensor,
-                    params: RolloutParams, device: torch.device) -> list[PPOBatch]:
+                    params: PPOConfig, device: torch.device, seed: int = 0) -> list[PPOBatch]:
     """Everything PPO needs from one rollout, computed once with the weights that sampled it; its minibatches."""
     tokens, targets, mask = pack(samples, device)
     old_logp, old_values = actor(tokens, targets)  # (N, T) each
@@ -113,7 +95,7 @@ def rollout_batches(actor: ActorCritic, reference: nn.Module, samples: Sequence[
     rewards[rows, last] += scores.to(device)  # the score arrives with the last action
     advantages, returns = gae_advantages(rewards, old_values * mask, mask, params.gamma, params.lam)
     advantages = whiten(advantages, mask)
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(params.seed))
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
     size = -(-len(samples) // params.minibatches)
     batches = []
     for part in order.split(size):
@@ -135,11 +117,11 @@ class RolloutSource:
     """
 
     def __init__(self, actor: ActorCritic, reference: nn.Module, engine, prompts: Sequence[Sequence[int]],
-                 prompt_texts: Sequence[str], scorer: Scorer, params: RolloutParams,
+                 prompt_texts: Sequence[str], scorer: Scorer, params: PPOConfig, seed: int = 0,
                  precision: Callable[[], AbstractContextManager] = nullcontext):
         self.actor, self.reference, self.engine = actor, reference, engine
         self.prompts, self.prompt_texts = [list(p) for p in prompts], list(prompt_texts)
-        self.scorer, self.params, self.precision = scorer, params, precision
+        self.scorer, self.params, self.seed, self.precision = scorer, params, seed, precision
         self.rollouts = 0
         self.queue: list[PPOBatch] = []
         self.last_scores: list[float] = []
@@ -151,7 +133,7 @@ class RolloutSource:
         picked = []
         for pos in range(start, start + k):
             order = list(range(n))
-            random.Random(self.params.seed + pos // n).shuffle(order)
+            random.Random(self.seed + pos // n).shuffle(order)
             picked.append(order[pos % n])
         return picked
 
@@ -164,11 +146,12 @@ class RolloutSource:
         try:
             self.engine.clear_prefix_cache()  # cached keys and values came from the weights before the last step
             samples = sample_responses(self.engine, [self.prompts[i] for i in picked], p.samples_per_prompt,
-                                       p.max_new_tokens, seed=p.seed + 7919 * self.rollouts)
+                                       p.max_new_tokens, seed=self.seed + 7919 * self.rollouts)
             texts = [self.prompt_texts[i] for i in picked for _ in range(p.samples_per_prompt)]
             scores = score_samples(samples, texts, self.scorer, p.missing_eos_penalty)
             with self.precision():
-                batches = rollout_batches(self.actor, self.reference, samples, scores, p, device)
+                batches = rollout_batches(self.actor, self.reference, samples, scores, p, device,
+                                          seed=self.seed + self.rollouts)
         finally:
             self.actor.train(was_training)
         self.rollouts += 1
@@ -188,7 +171,7 @@ class RolloutSource:
 
 
 def build_rollout_source(actor: ActorCritic, tokenizer, stop_ids, prompts: Sequence[Sequence[int]],
-                         prompt_texts: Sequence[str], scorer: Scorer, params: RolloutParams,
+                         prompt_texts: Sequence[str], scorer: Scorer, params: PPOConfig, seed: int = 0,
                          precision: Callable[[], AbstractContextManager] = nullcontext, max_prompt_len: int = 0
                          ) -> RolloutSource:
     """A frozen copy of the policy as it is now (the KL reference), an engine over the live policy, the source.
@@ -203,7 +186,7 @@ def build_rollout_source(actor: ActorCritic, tokenizer, stop_ids, prompts: Seque
     longest = max(max_prompt_len, *(len(p) for p in prompts)) + params.max_new_tokens + 2
     engine = Engine(actor.policy, tokenizer, stop_ids=stop_ids, max_seq_len=longest,
                     max_batch_size=params.prompts_per_rollout * params.samples_per_prompt)
-    return RolloutSource(actor, reference, engine, prompts, prompt_texts, scorer, params, precision)
+    return RolloutSource(actor, reference, engine, prompts, prompt_texts, scorer, params, seed, precision)
 
 
 @torch.no_grad()

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from corral.engine.engine import Engine
-from corral.posttrain.ppo import ActorCritic, PPOParams, ppo_loss
-from corral.posttrain.rollout import RolloutParams, build_rollout_source, evaluate_policy, sample_responses
+from corral.posttrain.ppo import ActorCritic, ppo_loss
+from corral.posttrain.rl_config import PPOConfig
+from corral.posttrain.rollout import build_rollout_source, evaluate_policy, sample_responses
 from corral.train.config import load_config
 from corral.train.loop import read_metrics, train_loop
 from corral.train.run import Run
@@ -50,15 +51,15 @@ def ppo_run(out_dir, steps: int, **overrides) -> Run:
     return Run(config=config, model=actor, optimizer=optimizer, scheduler=scheduler, device=procs.device)
 
 
-PARAMS = RolloutParams(prompts_per_rollout=4, samples_per_prompt=4, max_new_tokens=8, kl_coef=0.01, epochs=2,
-                       minibatches=2, seed=0)
+PARAMS = PPOConfig(prompts_per_rollout=4, samples_per_prompt=4, max_new_tokens=8, kl_coef=0.01, epochs=2,
+                   minibatches=2)
 
 
 def test_ppo_raises_reward_on_held_prompts_with_bounded_kl(tmp_path):
     run = ppo_run(tmp_path / "run", steps=40)
     source = build_rollout_source(run.model, Letters(), {STOP}, PROMPTS, TEXTS, share_of_c, PARAMS)
     before = evaluate_policy(source, HELD, HELD_TEXTS, samples=8)
-    result = train_loop(run, source, lambda m, b: ppo_loss(m, b, PPOParams()), name="ppo")
+    result = train_loop(run, source, lambda m, b: ppo_loss(m, b, PARAMS), name="ppo")
     after = evaluate_policy(source, HELD, HELD_TEXTS, samples=8)
     assert before["reward"] < 0.2 and after["reward"] > before["reward"] + 0.3, (before, after)
     assert 0 < after["kl"] < 20, after  # the policy moved, and the penalty kept it within bounds
@@ -90,7 +91,7 @@ def test_rollout_samples_from_current_weights_after_an_update(tmp_path):
 
 def test_rollout_batch_masks_the_response_and_ends_with_the_score(tmp_path):
     run = ppo_run(tmp_path / "run", steps=1)
-    params = RolloutParams(prompts_per_rollout=2, samples_per_prompt=2, max_new_tokens=5, kl_coef=0.0, gamma=1.0,
+    params = PPOConfig(prompts_per_rollout=2, samples_per_prompt=2, max_new_tokens=5, kl_coef=0.0, gamma=1.0,
                            lam=1.0, minibatches=1)
     source = build_rollout_source(run.model, Letters(), {STOP}, PROMPTS, TEXTS, lambda p, r: 1.0, params)
     (batch,) = source.rollout()

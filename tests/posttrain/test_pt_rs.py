@@ -7,7 +7,8 @@ import pytest
 import torch
 from test_pt_ppo_loop import HELD, HELD_TEXTS, PROMPTS, STOP, TEXTS, Letters, share_of_c
 
-from corral.posttrain.rejection import RSParams, best_of_k, build_rejection_source, greedy_score, rs_sft_loss
+from corral.posttrain.rejection import best_of_k, build_rejection_source, greedy_score, rs_sft_loss
+from corral.posttrain.rl_config import RSConfig
 from corral.posttrain.rollout import Sample
 from corral.train.config import load_config
 from corral.train.loop import read_metrics, train_loop
@@ -35,7 +36,7 @@ def test_best_of_k_keeps_each_prompts_top_scored_sample():
 
 
 def test_rejection_sampling_raises_greedy_score_round_over_round(tmp_path):
-    params = RSParams(k=8, rounds=4, prompts_per_round=6, steps_per_round=5, batch_size=6, max_new_tokens=8)
+    params = RSConfig(k=8, rounds=4, prompts_per_round=6, steps_per_round=5, batch_size=6, max_new_tokens=8)
     run = rs_run(tmp_path / "run", steps=params.rounds * params.steps_per_round, val_every=params.steps_per_round)
     source = build_rejection_source(run.model, Letters(), {STOP}, PROMPTS, TEXTS, share_of_c, params)
     scores = []
