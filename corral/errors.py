@@ -46,3 +46,11 @@ class ModelNotFoundError(CorralError, FileNotFoundError):
 
 class NoSpaceError(CorralError, OSError):
     """The disk filled up during a write; the partial file was removed and the old state kept."""
+
+
+class RuleFileError(CorralError, ValueError):
+    """A Code Shield rule file is malformed: bad TOML, a missing field, or a regex refused at load."""
+
+
+class CodeScanError(CorralError, ValueError):
+    """Code Shield cannot scan this input: an unknown language, or bytes that are not text."""
