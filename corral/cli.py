@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from corral import repl
 from corral.bench import harness as bench
 from corral.errors import CorralError, FormatError
+from corral.safety import code_commands as codeshield
 from corral.server import commands as server
 from corral.store import commands as store
 from corral.train import commands as train
@@ -146,6 +147,8 @@ COMMANDS: dict[str, Command] = {
                              "train the held-out target and report the prediction error"),
     "bench": Command(bench.cmd_bench, bench.add_arguments, "benchmark Corral against llama.cpp and transformers"),
     "serve": Command(server.cmd_serve, server.serve_arguments, "run the OpenAI/Ollama-compatible HTTP server"),
+    "codeshield": Command(codeshield.cmd_codeshield, codeshield.codeshield_arguments,
+                          "scan code for insecure patterns (exit 1 when found, 0 clean, 2 error)"),
 }
 # group -> (help, description) for the group's own `corral GROUP --help`.
 GROUPS = {

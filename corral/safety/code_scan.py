@@ -28,6 +28,7 @@ _LONG_LINE = re.compile(r"[^\n]{%d,}" % (MAX_LINE + 1))
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 _IDENT = re.compile(r"[A-Za-z_$@]")
 _CONST = re.compile(r"(?:[A-Z][A-Z0-9_]{1,63}|-?\d[\w.]{0,40}|true|false|null|NULL|nullptr|None)")
+_ARRAY_OF = re.compile(r"\bnew\s+\w{1,64}\s*\[\s*\]|\bString\.join\b")  # `new String[] {"ls", "-l"}`
 _STRING_LITERAL = re.compile(r"""[@rbfuRBFU]{0,2}(?:"[^"\n]{0,4000}"|'[^'\n]{0,4000}'|`[^`$]{0,4000}`)""")
 
 
@@ -90,8 +91,9 @@ def literal_text(arg: str, view: Views, start: int) -> bool:
     stripped = arg.strip()
     if not stripped:
         return False
-    if stripped[0] in "\"'`" or stripped[:2] in ('@"', 'f"', "r'", 'r"'):
-        return not _IDENT.search(_STRING_LITERAL.sub("", stripped))
+    rest = _ARRAY_OF.sub("", _STRING_LITERAL.sub("", stripped))
+    if len(rest) < len(stripped) and not _IDENT.search(rest):
+        return True
     if _CONST.fullmatch(stripped):
         return True
     if re.fullmatch(r"\$?[A-Za-z_]\w{0,63}", stripped):
@@ -154,7 +156,7 @@ def scan_reply(reply: str, rules: dict[str, list[Rule]] | None = None) -> list[B
         if block.language is None:
             continue
         result = scan(block.code, block.language, rules)
-        result.findings = [Finding(f.line + block.line, f.rule, f.cwe, f.severity, f.message, f.language)
+        result.findings = [Finding(f.line + block.line - 1, f.rule, f.cwe, f.severity, f.message, f.language)
                            for f in result.findings]
         out.append(BlockScan(block.language, block.line, block.line + block.code.count("\n"), result))
     return out
