@@ -10,6 +10,8 @@
     unless = '''...'''              # optional: no finding when this matches anywhere in the snippet (same view)
     arg = "a"                       # a named group of `regex` (default: the group named a, if any) that must be ...
     when = "nonliteral"             # ... nonliteral (default) | literal (see code_scan.literal_text)
+    needs = ["strcpy"]              # optional: strings one of which every match contains (derived from the
+                                    # regex when it starts with literals); a snippet without any is skipped
 
 A Python file may also hold syntax-tree rules: `call` instead of `regex` (see code_python.py).
 
@@ -48,7 +50,7 @@ INHERITS: dict[str, tuple[str, ...]] = {
     "javascript": ("common",), "php": ("common",), "python": ("common",), "rust": ("common",),
 }
 
-_REGEX_KEYS = {"regex", "view", "unless", "arg", "when"}
+_REGEX_KEYS = {"regex", "view", "unless", "arg", "when", "needs"}
 _CALL_KEYS = {"call", "receiver", "arg_index", "arg_keyword", "when", "keywords", "absent"}
 _COMMON_KEYS = {"id", "cwe", "severity", "message"}
 
@@ -72,6 +74,9 @@ class Rule:
     arg_keyword: str | None = None
     keywords: dict = field(default_factory=dict)
     absent: tuple[str, ...] = ()
+    anchors: tuple[str, ...] | None = None
+    """Literal strings one of which every match of `regex` contains (None: not known). A text holding
+    none of them is skipped with a substring search instead of running the regex over it."""
 
 
 def _repeat_problem(items, nested: bool = False) -> str | None:
@@ -111,6 +116,34 @@ def _narrow(body) -> bool:
         return all(o == sre_constants.LITERAL or (o == sre_constants.CATEGORY and av_ == sre_constants.CATEGORY_SPACE)
                    for o, av_ in av)
     return False
+
+
+def _anchors(items) -> tuple[str, ...] | None:
+    """The literal runs a pattern must start with, after any \\b or lookbehind; None when it has none
+    (a class, a repeat, case-insensitive parts)."""
+    items = list(items)
+    while items and items[0][0] in (sre_constants.AT, sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+        items.pop(0)
+    if not items:
+        return None
+    op, av = items[0]
+    if op == sre_constants.LITERAL:
+        run = ""
+        for o, a in items:
+            if o != sre_constants.LITERAL:
+                break
+            run += chr(a)
+        return (run,)
+    if op == sre_constants.BRANCH:
+        out: list[str] = []
+        for branch in av[1]:
+            if (sub := _anchors(branch)) is None:
+                return None
+            out += sub
+        return tuple(out)
+    if op == sre_constants.SUBPATTERN and not (av[1] & re.IGNORECASE):
+        return _anchors(av[-1])
+    return None
 
 
 def compile_pattern(pattern: str, where: str) -> re.Pattern:
@@ -170,7 +203,12 @@ def _regex_rule(raw: dict, common: dict, where: str) -> Rule:
     arg = _field(raw, "arg", str, where, "a" if "a" in regex.groupindex else None)
     if arg is not None and arg not in regex.groupindex:
         raise RuleFileError(f"{where}: `arg` names group {arg!r}, which the regex does not have")
-    return Rule(**common, regex=regex, view=view, arg=arg,
+    parsed = sre_parse.parse(regex.pattern)
+    needs = _field(raw, "needs", list, where)
+    if needs is not None and not (needs and all(isinstance(n, str) and n for n in needs)):
+        raise RuleFileError(f"{where}: `needs` must be a non-empty list of strings")
+    anchors = tuple(needs) if needs else None if parsed.state.flags & re.IGNORECASE else _anchors(parsed)
+    return Rule(**common, regex=regex, view=view, arg=arg, anchors=anchors,
                 unless=compile_pattern(_field(raw, "unless", str, where), where) if unless is not None else None)
 
 

@@ -13,6 +13,7 @@ and every regex was checked at load to run in linear time.
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from corral.safety.code_text import LANGUAGE_NAMES, LANGUAGES, Views, fenced_blo
 
 MAX_CHARS = 1 << 20
 MAX_LINE = 2000
+ASSIGNMENT_LOOKBACK = 20_000  # characters before a match searched for the assignments of its argument
+MAX_PER_RULE = 200  # matches of one rule reported per snippet: enough to act on, bounded in a pasted dump
 _LONG_LINE = re.compile(r"[^\n]{%d,}" % (MAX_LINE + 1))
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 _IDENT = re.compile(r"[A-Za-z_$@]")
@@ -97,7 +100,8 @@ def literal_text(arg: str, view: Views, start: int) -> bool:
     if _CONST.fullmatch(stripped):
         return True
     if re.fullmatch(r"\$?[A-Za-z_]\w{0,63}", stripped):
-        assigned = re.findall(r"(?<![\w$])" + re.escape(stripped) + r"\s*=(?!=)\s*(\S)", view.code[:start])
+        before = view.code[max(0, start - ASSIGNMENT_LOOKBACK):start]
+        assigned = re.findall(r"(?<![\w$])" + re.escape(stripped) + r"\s*=(?!=)\s*(\S)", before)
         return bool(assigned) and all(c in "\"'`" for c in assigned)
     return False
 
@@ -107,14 +111,18 @@ def _regex_findings(view: Views, rules: Iterable[Rule]) -> Iterable[tuple[Rule, 
         if rule.regex is None:
             continue
         text = view.code if rule.view == "code" else view.text
-        if rule.unless is not None and rule.unless.search(text):
+        if rule.anchors is not None and not any(a in text for a in rule.anchors):
             continue
-        for m in rule.regex.finditer(text):
-            if rule.arg is not None and m.group(rule.arg) is not None and rule.when != "any":
-                literal = literal_text(view.code[m.start(rule.arg):m.end(rule.arg)], view, m.start())
-                if literal != (rule.when == "literal"):
-                    continue
-            yield rule, m.start()
+        offsets = [m.start() for m in itertools.islice(rule.regex.finditer(text), MAX_PER_RULE) if _arg_ok(rule, m, view)]
+        # `unless` is looked for only once the rule has matched: most rules match nothing in most code
+        if offsets and not (rule.unless is not None and rule.unless.search(text)):
+            yield from ((rule, offset) for offset in offsets)
+
+
+def _arg_ok(rule: Rule, m: re.Match, view: Views) -> bool:
+    if rule.arg is None or m.group(rule.arg) is None or rule.when == "any":
+        return True
+    return literal_text(view.code[m.start(rule.arg):m.end(rule.arg)], view, m.start()) == (rule.when == "literal")
 
 
 def scan(code: str, language: str | None, rules: dict[str, list[Rule]] | None = None) -> ScanResult:
@@ -126,11 +134,12 @@ def scan(code: str, language: str | None, rules: dict[str, list[Rule]] | None = 
     code, truncated = _bounded(code)
     language = normalize_language(language) if language else guess_language(code)
     found: dict[tuple[str, int], Finding] = {}
-    newlines = [m.start() for m in re.finditer("\n", code)]
+    line_ends: list[int] = []  # offset of each line's end, built on the first finding only
     for lang in [language] if language else list(LANGUAGES):
         view = views(code, lang)
         for rule, offset in _regex_findings(view, rules.get(lang, [])):
-            line = bisect.bisect_left(newlines, offset) + 1
+            line_ends = line_ends or list(itertools.accumulate(len(s) + 1 for s in code.split("\n")))
+            line = bisect.bisect_right(line_ends, offset) + 1
             found.setdefault((rule.id, line), Finding(line, rule.id, rule.cwe, rule.severity, rule.message, lang))
         if lang == "python":
             for rule, line in tree_findings(code, rules.get(lang, [])):
