@@ -27,7 +27,7 @@ MAX_CHARS = 1 << 20
 MAX_LINE = 2000
 ASSIGNMENT_LOOKBACK = 20_000  # characters before a match searched for the assignments of its argument
 MAX_PER_RULE = 200  # matches of one rule reported per snippet: enough to act on, bounded in a pasted dump
-_LONG_LINE = re.compile(r"[^\n]{%d,}" % (MAX_LINE + 1))
+_LONG_LINE = re.compile(rf"[^\n]{{{MAX_LINE + 1},}}")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 _IDENT = re.compile(r"[A-Za-z_$@]")
 _CONST = re.compile(r"(?:[A-Z][A-Z0-9_]{1,63}|-?\d[\w.]{0,40}|true|false|null|NULL|nullptr|None)")
@@ -113,7 +113,8 @@ def _regex_findings(view: Views, rules: Iterable[Rule]) -> Iterable[tuple[Rule, 
         text = view.code if rule.view == "code" else view.text
         if rule.anchors is not None and not any(a in text for a in rule.anchors):
             continue
-        offsets = [m.start() for m in itertools.islice(rule.regex.finditer(text), MAX_PER_RULE) if _arg_ok(rule, m, view)]
+        matches = itertools.islice(rule.regex.finditer(text), MAX_PER_RULE)
+        offsets = [m.start() for m in matches if _arg_ok(rule, m, view)]
         # `unless` is looked for only once the rule has matched: most rules match nothing in most code
         if offsets and not (rule.unless is not None and rule.unless.search(text)):
             yield from ((rule, offset) for offset in offsets)

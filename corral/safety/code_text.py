@@ -155,8 +155,10 @@ _SIGNS: list[tuple[str, re.Pattern]] = [
     ("csharp", re.compile(r"\busing\s+System\b|\bConsole\.Write|\bnamespace\s+\w+\s*\{|\bpublic\s+async\s+Task")),
     ("java", re.compile(r"\bpublic\s+(?:static\s+)?(?:final\s+)?class\b|\bSystem\.out\.|\bimport\s+java\.")),
     ("rust", re.compile(r"\bfn\s+\w+\s*\(|\blet\s+mut\b|\buse\s+std::|\bimpl\b")),
-    ("python", re.compile(r"^[ \t]*(?:def[ \t]+\w+[ \t]*\(|import[ \t]+\w+|from[ \t]+[\w.]+[ \t]+import\b|class[ \t]+\w{1,64}[^\n]{0,200}:[ \t]*$)", re.M)),
-    ("javascript", re.compile(r"\brequire\s*\(|\bconst\s+\w+\s*=|\bfunction\s*\w*\s*\(|=>|\bdocument\.|\bconsole\.log")),
+    ("python", re.compile(r"^[ \t]*(?:def[ \t]+\w+[ \t]*\(|import[ \t]+\w+|from[ \t]+[\w.]+[ \t]+import\b"
+                          r"|class[ \t]+\w{1,64}[^\n]{0,200}:[ \t]*$)", re.M)),
+    ("javascript", re.compile(r"\brequire\s*\(|\bconst\s+\w+\s*=|\bfunction\s*\w*\s*\(|=>|\bdocument\."
+                              r"|\bconsole\.log")),
 ]
 
 

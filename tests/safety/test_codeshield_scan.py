@@ -37,7 +37,8 @@ CASES = [
      'Process p = Runtime.getRuntime().exec(new String[] {"ls", "-l"});'),
     ("javascript", "const out = eval('(' + req.body.expr + ')');", "js-eval-nonliteral",
      "const out = JSON.parse(req.body.expr);"),
-    ("javascript", "el.innerHTML = location.hash.slice(1);", "js-inner-html", "el.textContent = location.hash.slice(1);"),
+    ("javascript", "el.innerHTML = location.hash.slice(1);", "js-inner-html",
+     "el.textContent = location.hash.slice(1);"),
     ("javascript", "https.request({host, rejectUnauthorized: false});", "js-tls-reject-unauthorized",
      "https.request({host});"),
     ("php", "$rows = mysqli_query($db, \"SELECT * FROM u WHERE id = $id\");", "php-sql-injection",
@@ -46,8 +47,8 @@ CASES = [
     ("php", "echo $_GET['q'];", "php-xss-echo", "echo htmlspecialchars($_GET['q']);"),
     ("rust", 'let rows = client.query(&format!("SELECT * FROM t WHERE id = {}", id), &[])?;', "rust-sql-format",
      'let rows = client.query("SELECT * FROM t WHERE id = $1", &[&id])?;'),
-    ("rust", "let c = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;", "rust-tls-accept-invalid",
-     "let c = reqwest::Client::builder().build()?;"),
+    ("rust", "let c = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;",
+     "rust-tls-accept-invalid", "let c = reqwest::Client::builder().build()?;"),
     ("rust", "let out = Command::new(program).output()?;", "rust-command-nonliteral",
      'let out = Command::new("ls").arg(dir).output()?;'),
     ("csharp", "var f = new BinaryFormatter();\nvar o = f.Deserialize(stream);", "csharp-insecure-deserialization",
@@ -95,7 +96,8 @@ def test_python_fragment_with_syntax_error_still_scanned():
 
 
 def test_fenced_blocks_found_with_language_and_line():
-    reply = "Here:\n\n```python\nimport os\nos.system(cmd)\n```\n\nand\n~~~js\nlet x = 1;\n~~~\n```bash\nrm -rf /\n```\n"
+    reply = ("Here:\n\n```python\nimport os\nos.system(cmd)\n```\n\nand\n~~~js\nlet x = 1;\n~~~\n"
+             "```bash\nrm -rf /\n```\n")
     blocks = fenced_blocks(reply)
     assert [(b.language, b.line) for b in blocks] == [("python", 4), ("javascript", 10), (None, 13)]
     scans = scan_reply(reply)
