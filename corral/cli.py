@@ -15,6 +15,7 @@ from corral.bench import harness as bench
 from corral.errors import CorralError, FormatError
 from corral.posttrain import commands as posttrain
 from corral.safety import code_commands as codeshield
+from corral.safety import eval_commands as safety_eval
 from corral.server import commands as server
 from corral.store import commands as store
 from corral.train import commands as train
@@ -152,6 +153,9 @@ COMMANDS: dict[str, Command] = {
     "serve": Command(server.cmd_serve, server.serve_arguments, "run the OpenAI/Ollama-compatible HTTP server"),
     "codeshield": Command(codeshield.cmd_codeshield, codeshield.codeshield_arguments,
                           "scan code for insecure patterns (exit 1 when found, 0 clean, 2 error)"),
+    # until the `eval` group lands in main this is `corral cyberseceval`; then it becomes "eval cyberseceval"
+    "cyberseceval": Command(safety_eval.cmd_cyberseceval, safety_eval.cyberseceval_arguments,
+                            "CyberSecEval-style prompt-injection / false-refusal tests of an OpenAI-compatible server"),
 }
 # group -> (help, description) for the group's own `corral GROUP --help`.
 GROUPS = {
