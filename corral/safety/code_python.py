@@ -21,7 +21,6 @@ but not built. Model output is often a fragment, so the parse is forgiving (see 
 from __future__ import annotations
 
 import ast
-import fnmatch
 import re
 import textwrap
 from collections.abc import Iterator
@@ -131,12 +130,8 @@ def _stringish(node: ast.BinOp) -> bool:
                or (isinstance(s, ast.BinOp) and _stringish(s)) for s in sides)
 
 
-def _callee_matches(rule: Rule, call: ast.Call, scope: Scope) -> bool:
-    dotted = _dotted(call.func)
-    if dotted is None:
-        return False
-    name = scope.resolve(dotted)
-    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in rule.call):
+def _callee_matches(rule: Rule, call: ast.Call, name: str) -> bool:
+    if not rule.callee.match(name):
         return False
     if rule.receiver is not None:
         receiver = ast.unparse(call.func.value) if isinstance(call.func, ast.Attribute) else ""
@@ -161,8 +156,9 @@ def _judged_arg(rule: Rule, call: ast.Call) -> ast.AST | None:
     return None
 
 
-def call_matches(rule: Rule, call: ast.Call, scope: Scope) -> bool:
-    if not _callee_matches(rule, call, scope):
+def call_matches(rule: Rule, call: ast.Call, scope: Scope, name: str) -> bool:
+    """Does `call` (whose callee resolves to the dotted `name`) break `rule`?"""
+    if not _callee_matches(rule, call, name):
         return False
     passed = {k.arg: k.value for k in call.keywords if k.arg is not None}
     if any(name in passed for name in rule.absent):
@@ -186,7 +182,8 @@ def tree_findings(code: str, rules: list[Rule]) -> Iterator[tuple[Rule, int]]:
     for tree, offset in parse(code):
         scope = Scope(tree)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call):
+            if isinstance(node, ast.Call) and (dotted := _dotted(node.func)) is not None:
+                name = scope.resolve(dotted)  # once per call, then one compiled match per rule
                 for rule in call_rules:
-                    if call_matches(rule, node, scope):
+                    if call_matches(rule, node, scope, name):
                         yield rule, node.lineno + offset

@@ -23,6 +23,7 @@ rule's id (RuleFileError), never loaded half.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ class Rule:
     when: str = "nonliteral"
     call: tuple[str, ...] = ()
     """Python syntax-tree rule: dotted callee names (fnmatch globs after import aliases are resolved)."""
+    callee: re.Pattern | None = None
+    """`call` as one compiled pattern (the globs, fnmatch-translated and alternated)."""
     receiver: re.Pattern | None = None
     arg_index: int | None = None
     arg_keyword: str | None = None
@@ -224,7 +227,8 @@ def _call_rule(raw: dict, common: dict, where: str, language: str) -> Rule:
         if isinstance(value, str):
             compile_pattern(value, f"{where} keywords.{key}")
     absent = _field(raw, "absent", list, where, [])
-    return Rule(**common, call=tuple(call), arg_index=_field(raw, "arg_index", int, where),
+    callee = re.compile("|".join(fnmatch.translate(c) for c in call))
+    return Rule(**common, call=tuple(call), callee=callee, arg_index=_field(raw, "arg_index", int, where),
                 arg_keyword=_field(raw, "arg_keyword", str, where), keywords=dict(keywords), absent=tuple(absent),
                 receiver=compile_pattern(receiver, f"{where} receiver") if receiver else None)
 

@@ -25,7 +25,7 @@ from corral.safety.code_text import LANGUAGE_NAMES, LANGUAGES, Views, fenced_blo
 
 MAX_CHARS = 1 << 20
 MAX_LINE = 2000
-ASSIGNMENT_LOOKBACK = 20_000  # characters before a match searched for the assignments of its argument
+ASSIGNMENT_LOOKBACK = 4000  # characters before a match searched for the assignments of its argument
 MAX_PER_RULE = 200  # matches of one rule reported per snippet: enough to act on, bounded in a pasted dump
 _LONG_LINE = re.compile(rf"[^\n]{{{MAX_LINE + 1},}}")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
