@@ -4,18 +4,14 @@ demand). Read as raw SSE / NDJSON bytes, and through the official openai client.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
+from safety_live import live_server
 
 from corral.server.codeshield import CodeShieldFilter
 from corral.server.commands import config_from_args
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2:135m"
 CODE = "os.system('ping ' + host)"
 REPLY = f"Here is a script:\n\n```python\nimport os\n{CODE}\n```\n\nRun it as root.\n"
@@ -45,33 +41,13 @@ class _Script:
         return rest
 
 
-def _server_helpers():
-    spec = importlib.util.spec_from_file_location("server_conftest", ROOT / "tests" / "server" / "conftest.py")
-    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(module)  # registered first: its dataclasses look their module up by name
-    return module
-
-
 @pytest.fixture(scope="module")
 def shielded(tmp_path_factory):
     """A live server started as with --code-shield block, the script put in front of its Code Shield filter."""
-    from corral.store import Store
-    from corral.store.load import ensure_default
-
-    home = tmp_path_factory.mktemp("codeshield_home")
-    old = os.environ.get("CORRAL_HOME")
-    os.environ["CORRAL_HOME"] = str(home)
-    ensure_default(Store(home))
-    helpers = _server_helpers()
-    server = helpers.start_server(home, code_shield="block")
-    assert [type(f).__name__ for f in server.state.filters] == ["CodeShieldFilter"]
-    server.state.filters.insert(0, ScriptedReply())
-    yield server
-    server.stop()
-    if old is None:
-        os.environ.pop("CORRAL_HOME", None)
-    else:
-        os.environ["CORRAL_HOME"] = old
+    with live_server(tmp_path_factory.mktemp("codeshield_home"), code_shield="block") as server:
+        assert [type(f).__name__ for f in server.state.filters] == ["CodeShieldFilter"]
+        server.state.filters.insert(0, ScriptedReply())
+        yield server
 
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Write a ping script."}], "max_tokens": 8,

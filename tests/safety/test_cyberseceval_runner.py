@@ -4,19 +4,15 @@ and one end-to-end run of both suites against a live Corral server with the embe
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
+from safety_live import live_server
 
 from corral.errors import EvalDataError, EvalServerError
 from corral.safety.cyberseceval import Case, Endpoint, SuiteResult, chat, load_rows, parse_verdict, write_report
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("answer, verdict", [
@@ -65,23 +61,8 @@ def test_unreachable_server_is_a_typed_error():
 
 @pytest.fixture(scope="module")
 def corral_server(tmp_path_factory):
-    from corral.store import Store
-    from corral.store.load import ensure_default
-
-    home = tmp_path_factory.mktemp("cyberseceval_home")
-    old = os.environ.get("CORRAL_HOME")
-    os.environ["CORRAL_HOME"] = str(home)
-    ensure_default(Store(home))
-    spec = importlib.util.spec_from_file_location("server_conftest", ROOT / "tests" / "server" / "conftest.py")
-    helpers = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(helpers)
-    server = helpers.start_server(home)
-    yield server
-    server.stop()
-    if old is None:
-        os.environ.pop("CORRAL_HOME", None)
-    else:
-        os.environ["CORRAL_HOME"] = old
+    with live_server(tmp_path_factory.mktemp("cyberseceval_home")) as server:
+        yield server
 
 
 @pytest.mark.slow
