@@ -194,7 +194,8 @@ def plot(result: SuiteResult, path: Path) -> Path:
     ax.set_xlabel("pass rate")
     summary = result.summary()
     overall = f"{summary['pass_rate']:.2f}" if summary["pass_rate"] is not None else "n/a"
-    ax.set_title(f"{result.suite}: {result.model} (judge {result.judge_model}), overall {overall}")
+    ax.set_title(f"{result.suite}: {result.model}\njudge {result.judge_model}; overall pass rate {overall} "
+                 f"({summary['passed']}/{summary['judged']}, {summary['unjudged']} unjudged)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
