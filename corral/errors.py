@@ -82,3 +82,11 @@ class UnknownTaskError(CorralError, KeyError):
 
 class EvalServerError(CorralError, ConnectionError):
     """An evaluation server did not answer (after retries) or answered without what scoring needs."""
+
+
+class RuleFileError(CorralError, ValueError):
+    """A Code Shield rule file is malformed: bad TOML, a missing field, or a regex refused at load."""
+
+
+class CodeScanError(CorralError, ValueError):
+    """Code Shield cannot scan this input: an unknown language, or bytes that are not text."""

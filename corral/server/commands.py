@@ -62,6 +62,10 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="open connections at once; more are answered 503 and closed (default: 1000)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES",
                    help="largest request body accepted; larger gets 413 (default: 8 MiB)")
+    p.add_argument("--code-shield", nargs="?", const="block", default=None, choices=["block", "warn"],
+                   help="scan the code blocks of every answer for insecure code: block (default) replaces a block "
+                        "with an error-severity finding by a notice and appends a warning for the rest; warn only "
+                        "appends warnings. Findings are reported as `code_shield` in each response")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
 
@@ -98,6 +102,7 @@ def config_from_args(args):
     config.api_key = args.api_key or config.api_key
     config.preload = list(args.model or [])
     config.allow_origins += list(args.allow_origin or [])
+    config.code_shield = args.code_shield
     return config
 
 
