@@ -46,3 +46,15 @@ class ModelNotFoundError(CorralError, FileNotFoundError):
 
 class NoSpaceError(CorralError, OSError):
     """The disk filled up during a write; the partial file was removed and the old state kept."""
+
+
+class GuardVerdictError(CorralError, ValueError):
+    """A guard model answered outside the grammar `safe` | `unsafe` [newline S<n>,...] (corral.safety)."""
+
+    def __init__(self, message: str, *, text: str = ""):
+        super().__init__(message)
+        self.text = text
+
+
+class GuardInputError(CorralError, ValueError):
+    """A conversation or file the guard cannot assess: no message, unknown role, bad JSON line."""
