@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from corral import repl
 from corral.bench import harness as bench
 from corral.errors import CorralError, FormatError
+from corral.safety import commands as safety
 from corral.server import commands as server
 from corral.store import commands as store
 from corral.train import commands as train
@@ -146,6 +147,7 @@ COMMANDS: dict[str, Command] = {
                              "train the held-out target and report the prediction error"),
     "bench": Command(bench.cmd_bench, bench.add_arguments, "benchmark Corral against llama.cpp and transformers"),
     "serve": Command(server.cmd_serve, server.serve_arguments, "run the OpenAI/Ollama-compatible HTTP server"),
+    "guard": Command(safety.cmd_guard, safety.guard_arguments, "assess text or conversations with a safety guard"),
 }
 # group -> (help, description) for the group's own `corral GROUP --help`.
 GROUPS = {

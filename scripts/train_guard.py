@@ -29,9 +29,13 @@ sys.path.insert(0, str(ROOT))
 from corral.safety import guard_data  # noqa: E402
 from corral.safety.embedded import HEAD_DIR, FeatureSpec, Head, conversation_block, features  # noqa: E402
 
-SPEC = FeatureSpec(layers=(10, 14), max_tokens=128)
-C = 0.05
-"""Inverse L2 strength of every logistic regression (picked on a 5-fold split of the training part)."""
+SPEC = FeatureSpec(layers=(9,), max_tokens=64)
+C = 0.01
+"""Inverse L2 strength of every logistic regression."""
+THRESHOLD = 0.7
+"""P(unsafe) that flags. SPEC.layers, C and THRESHOLD were picked by `--cv` (5-fold cross-validation on
+the training part only: flagged F1 against false flags on the look-alikes): blocks 6, 9 and both,
+C 0.003-0.1, thresholds 0.5-0.7."""
 SPLIT_FILE = guard_data.REPO_DATA / "guard_split.json"
 
 
@@ -96,11 +100,37 @@ def evaluate(probs: torch.Tensor, examples: list, threshold: float) -> dict:
     return out
 
 
+def cross_validate(x: torch.Tensor, examples: list, rows: list[int]) -> int:
+    """Flagged F1 and look-alike false flags of each (blocks, C, threshold), 5 folds of the training part."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.array([e.unsafe for e in examples])
+    look = np.array([e.id.startswith("look:") for e in examples])
+    dim = x.shape[1] // 2
+    for name, cols in (("6", slice(0, dim)), ("9", slice(dim, 2 * dim)), ("6+9", slice(0, 2 * dim))):
+        features_ = x[rows][:, cols].numpy()
+        for c in (0.003, 0.01, 0.03, 0.1):
+            p = np.zeros(len(rows))
+            for a, b in StratifiedKFold(5, shuffle=True, random_state=0).split(features_, y * 2 + look):
+                mu, sd = features_[a].mean(0), features_[a].std(0) + 1e-4
+                model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+                p[b] = model.fit((features_[a] - mu) / sd, y[a]).predict_proba((features_[b] - mu) / sd)[:, 1]
+            for t in (0.5, 0.6, 0.7):
+                flag = p >= t
+                f1 = 2 * (flag & (y == 1)).sum() / (flag.sum() + y.sum())
+                print(f"blocks {name:4} C {c:<6} threshold {t}: flagged F1 {f1:.3f}, "
+                      f"look-alikes flagged {(flag & look).sum()}/{look.sum()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", type=Path, default=Path("/work/shared/data"), help="folder with safety/ and preference/")
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default: a fresh temp folder)")
     p.add_argument("--out", type=Path, default=HEAD_DIR)
+    p.add_argument("--cv", action="store_true", help="print the 5-fold grid over blocks, C and threshold; save nothing")
     args = p.parse_args(argv)
     import corral
 
@@ -111,14 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache or Path(tempfile.mkdtemp(prefix="corral-guard-"))
     cache.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    x = cached_features(corral.load(), texts, SPEC.layers, cache)
     train = [i for i, e in enumerate(examples) if e.id not in held]
+    if args.cv:
+        return cross_validate(cached_features(corral.load(), texts, (6, 9), cache), [examples[i] for i in train],
+                              train)
+    x = cached_features(corral.load(), texts, SPEC.layers, cache)
     test = [i for i, e in enumerate(examples) if e.id in held]
     mean, scale = x[train].mean(0), x[train].std(0).clamp_min(1e-4)
     z = (x - mean) / scale
     targets = [[e.unsafe] + [e.labels[c] for c in guard_data.CODES] for e in examples]
     weight, bias = fit(z[train], [targets[i] for i in train])
-    head = Head(weight, bias, mean, scale, SPEC, guard_data.CODES)
+    head = Head(weight, bias, mean, scale, SPEC, guard_data.CODES, THRESHOLD)
     metrics = evaluate(head.probabilities(x[test]), [examples[i] for i in test], head.threshold)
     metrics["train_examples"], metrics["held_out_examples"] = len(train), len(test)
     head.save(args.out, {"C": C, "split": str(SPLIT_FILE.relative_to(ROOT))})

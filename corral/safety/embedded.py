@@ -1,11 +1,12 @@
 """The embedded guard: a linear head on the frozen trunk of the embedded SmolLM2-135M-Instruct.
 
 No Llama Guard weights ship with Corral, so the default guard is a probe (Alain & Bengio 2016, arXiv
-1610.01644): the message to assess, wrapped as Llama Guard's conversation block, goes through the frozen
-trunk; the masked mean of the hidden states after some blocks (FEATURE_LAYERS, plus the final norm's) is
-one feature vector, and a linear layer maps it to 1 + 14 logits: unsafe, then Llama Guard 3's S1..S14.
-Only the assessed message goes in (not the 14-category instructions: they are the same for every input
-and would triple the tokens); the role line says whether it is the user's or the agent's.
+1610.01644): the message to assess, as a line of Llama Guard's conversation section ("User: ..." or
+"Agent: ..."), goes through the first blocks of the frozen trunk; the masked means of the hidden states
+after the blocks in FeatureSpec.layers, side by side, are one feature vector, and a linear layer maps it
+to 1 + 14 logits: unsafe, then Llama Guard 3's S1..S14. Only the assessed message goes in (not the
+category instructions: they are the same for every input and would add ~250 tokens to each), and only up
+to the deepest block used is run (9 of 30: on 2 shared cores, embedding cost is the budget).
 
 Training (scripts/train_guard.py) and inference share `features`, so the head sees at run time exactly
 the vectors it was fitted on. The head ships as guard_head/head.safetensors + guard_head/config.json.
@@ -28,13 +29,13 @@ HEAD_DIR = Path(__file__).parent / "guard_head"
 class FeatureSpec:
     layers: tuple[int, ...]
     """Blocks (1-based) after which the hidden states are mean-pooled; 0 means the final norm's output."""
-    max_tokens: int = 128
+    max_tokens: int = 64
     """Tokens per segment; a longer message is assessed in segments (guard.segments)."""
 
 
 def conversation_block(role: str, text: str) -> str:
-    """The one message, as Llama Guard's conversation section shows it."""
-    return f"<BEGIN CONVERSATION>\n\n{role}: {text}\n\n<END CONVERSATION>"
+    """The one message as a line of Llama Guard's conversation section ("User: ..." / "Agent: ...")."""
+    return f"{role}: {text}"
 
 
 def token_rows(llm, texts: list[str], max_tokens: int) -> list[list[int]]:

@@ -141,8 +141,8 @@ class EmbeddedGuard:
 
     def assess(self, conversation: list[dict]) -> Assessment:
         role, text = speaker_turns(conversation)[-1]
-        # room for the conversation block's own tokens around the message
-        parts = segments(self.llm.tokenizer, text, self.head.spec.max_tokens - 24)
+        # room for BOS and the "User: " prefix around the message
+        parts = segments(self.llm.tokenizer, text, self.head.spec.max_tokens - 4)
         with self.lock:
             x = features(self.llm, [conversation_block(role, p) for p in parts], self.head.spec)
         probs = self.head.probabilities(x).max(dim=0).values  # (1 + codes,): the worst segment per output
