@@ -16,6 +16,7 @@ from corral.errors import CorralError, FormatError
 from corral.eval import commands as evaluation
 from corral.posttrain import commands as posttrain
 from corral.safety import code_commands as codeshield
+from corral.safety import commands as safety
 from corral.safety import eval_commands as safety_eval
 from corral.server import commands as server
 from corral.store import commands as store
@@ -159,11 +160,12 @@ COMMANDS: dict[str, Command] = {
                             "compare results JSON files: a table and a bar plot"),
     "eval contamination": Command(evaluation.cmd_contamination, evaluation.contamination_arguments,
                                   "13-gram overlap between training data and each task's data"),
-
     "codeshield": Command(codeshield.cmd_codeshield, codeshield.codeshield_arguments,
                           "scan code for insecure patterns (exit 1 when found, 0 clean, 2 error)"),
     "eval cyberseceval": Command(safety_eval.cmd_cyberseceval, safety_eval.cyberseceval_arguments,
                             "CyberSecEval-style prompt-injection / false-refusal tests of an OpenAI-compatible server"),
+
+    "guard": Command(safety.cmd_guard, safety.guard_arguments, "assess text or conversations with a safety guard"),
 }
 # group -> (help, description) for the group's own `corral GROUP --help`.
 GROUPS = {
