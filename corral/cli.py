@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from corral import repl
 from corral.bench import harness as bench
+from corral.data import commands as data
 from corral.errors import CorralError, FormatError
 from corral.server import commands as server
 from corral.store import commands as store
@@ -145,6 +146,8 @@ COMMANDS: dict[str, Command] = {
     "scaling check": Command(scaling.cmd_check, scaling.check_arguments,
                              "train the held-out target and report the prediction error"),
     "bench": Command(bench.cmd_bench, bench.add_arguments, "benchmark Corral against llama.cpp and transformers"),
+    "curate": Command(data.cmd_curate, data.curate_arguments,
+                      "filter, dedup and clean text shards as a TOML pipeline says (local or Ray)"),
     "serve": Command(server.cmd_serve, server.serve_arguments, "run the OpenAI/Ollama-compatible HTTP server"),
 }
 # group -> (help, description) for the group's own `corral GROUP --help`.

