@@ -148,6 +148,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(bench.cmd_bench, bench.add_arguments, "benchmark Corral against llama.cpp and transformers"),
     "curate": Command(data.cmd_curate, data.curate_arguments,
                       "filter, dedup and clean text shards as a TOML pipeline says (local or Ray)"),
+    "mix": Command(data.cmd_mix, data.mix_arguments, "weight curated sources into pretraining token shards"),
     "serve": Command(server.cmd_serve, server.serve_arguments, "run the OpenAI/Ollama-compatible HTTP server"),
 }
 # group -> (help, description) for the group's own `corral GROUP --help`.

@@ -47,3 +47,19 @@ def cmd_curate(args: argparse.Namespace) -> int:
     print(json.dumps({"output": config.output.dir, "shards": report["shards"],
                       "kept": {name: s["kept"] for name, s in steps.items()}}))
     return 0
+
+
+def mix_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Train on the result with: corral pretrain CONFIG --data.train='[\"OUT/train\"]' "
+                "--data.val='[\"OUT/val/NAME.bin\"]'")
+    p.add_argument("config", help="TOML: out_dir, val_fraction, and [[sources]] tables (name, paths, weight)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def cmd_mix(args: argparse.Namespace) -> int:
+    """Weight curated sources (up/down-sample) and write them as pretraining token shards."""
+    from corral.data.mix import load_mix_config, write_mix
+
+    manifest = write_mix(load_mix_config(args.config, list(args.overrides)))
+    print(json.dumps(manifest["sources"]))
+    return 0

@@ -127,28 +127,34 @@ class Reader:
         from warcio.archiveiterator import ArchiveIterator
         from warcio.exceptions import ArchiveLoadFailed
 
-        records = iter(ArchiveIterator(stream))
+        # check_digests="raise": a record whose Content-Length lies reads bytes that are not its own, so its
+        # WARC-Block-Digest fails; without the check warcio only prints a warning and carries on.
+        records = iter(ArchiveIterator(stream, check_digests="raise"))
         index = 0
         while True:
             try:
                 record = next(records)
-                index += 1
-                if record.rec_type != "response" or "html" not in (
-                        record.http_headers.get_header("Content-Type") or "" if record.http_headers else ""):
-                    continue
-                page = record.content_stream().read(self.max_html_bytes + 1)
-                url = record.rec_headers.get_header("WARC-Target-URI") or ""
-                doc_id = record.rec_headers.get_header("WARC-Record-ID") or f"{path.name}/{index}"
             except StopIteration:
                 return
-            except (ArchiveLoadFailed, ValueError) as exc:  # a lying Content-Length desynchronises the file
+            except (ArchiveLoadFailed, ValueError) as exc:  # the file can't be resynchronised: stop here
                 self.skip(path, f"record {index + 1}", "warc_bad_record", str(exc)[:200])
                 return
+            index += 1
+            content_type = record.http_headers.get_header("Content-Type") if record.http_headers else None
+            if record.rec_type != "response" or "html" not in (content_type or ""):
+                continue
+            url = record.rec_headers.get_header("WARC-Target-URI") or ""
+            try:
+                page = record.content_stream().read(self.max_html_bytes + 1)
+            except (ArchiveLoadFailed, ValueError) as exc:
+                self.skip(path, f"record {index} ({url})", "warc_bad_record", str(exc)[:200])
+                continue
             text, reason = extract_text(page, max_bytes=self.max_html_bytes, max_depth=self.max_html_depth)
             if text is None:
                 self.skip(path, f"record {index} ({url})", reason)
                 continue
             self.stats.seen += 1
+            doc_id = record.rec_headers.get_header("WARC-Record-ID") or f"{path.name}/{index}"
             yield Document(text, doc_id, {"url": url})
 
 
