@@ -40,7 +40,8 @@ def shingle_hashes(text: str, n: int) -> np.ndarray:
     words = normalize(text).split()
     if not words:
         return np.zeros(1, dtype=np.uint64)
-    ids = np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    crc = {w: zlib.crc32(w.encode()) for w in set(words)}  # a stable hash (str's hash() is salted per process)
+    ids = np.fromiter(map(crc.__getitem__, words), dtype=np.uint64, count=len(words))
     n = min(n, len(ids))
     # polynomial rolling combination, wrapping mod 2^64: h = sum_j ids[i + j] * P^j
     h = np.zeros(len(ids) - n + 1, dtype=np.uint64)

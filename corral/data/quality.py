@@ -9,8 +9,9 @@ Words are whitespace-separated tokens, lines split on "\\n", paragraphs on blank
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from corral.data.documents import Document, Filter
 
@@ -22,6 +23,8 @@ POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "us
 _PARAGRAPHS = re.compile(r"\n{2,}")
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+_HAS_LETTER = re.compile(r"\S*[^\W\d_]\S*")  # a whitespace token holding a letter
+_STOP_WORD = re.compile(r"(?<!\w)(?:" + "|".join(sorted(STOP_WORDS)) + r")(?!\w)")
 _PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~“”‘’…"
 
 
@@ -66,9 +69,9 @@ class GopherQuality(Filter):
             return False, "gopher_bullet_lines"
         if sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines) > c.max_ellipsis_lines:
             return False, "gopher_ellipsis_lines"
-        if sum(any(ch.isalpha() for ch in w) for w in words) / n < c.min_alpha_words:
+        if len(_HAS_LETTER.findall(text)) / n < c.min_alpha_words:
             return False, "gopher_non_alpha_words"
-        if len(STOP_WORDS.intersection(w.lower().strip(_PUNCT) for w in words)) < c.min_stop_words:
+        if len(set(_STOP_WORD.findall(text.lower()))) < c.min_stop_words:
             return False, "gopher_stop_words"
         return True, ""
 
@@ -121,29 +124,43 @@ class GopherRepetition(Filter):
         if chars / total > c.max_dup_line_char_frac:
             return False, "dup_line_char_frac"
         words = text.split()
-        word_chars = sum(map(len, words)) or 1
+        if len(words) < 2:
+            return True, ""
+        vocab: dict[str, int] = {}
+        ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.uint64)  # (n_words,)
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        word_chars = int(lengths.sum()) or 1
         for n, limit in zip((2, 3, 4), c.max_top_ngram_char_frac):
-            grams = Counter(zip(*(words[i:] for i in range(n))))
-            if grams:
-                gram, count = grams.most_common(1)[0]
-                if count > 1 and sum(map(len, gram)) * count / word_chars > limit:
+            if len(words) >= n:
+                _, first, counts = np.unique(_ngram_hashes(ids, n), return_index=True, return_counts=True)
+                top = int(np.argmax(counts))  # the most frequent n-gram (the earliest among ties)
+                if counts[top] > 1 and lengths[first[top]:first[top] + n].sum() * counts[top] / word_chars > limit:
                     return False, f"top_{n}gram"
         for n, limit in zip(range(5, 11), c.max_dup_ngram_char_frac):
-            if _repeated_ngram_chars(words, n) / word_chars > limit:
+            if len(words) >= n and _repeated_ngram_chars(ids, lengths, n) / word_chars > limit:
                 return False, f"dup_{n}gram"
         return True, ""
 
 
-def _repeated_ngram_chars(words: list[str], n: int) -> int:
-    """Characters of the words covered by an n-gram that already occurred earlier (each word once)."""
-    seen: set[tuple[str, ...]] = set()
-    covered = [False] * len(words)
-    for i, gram in enumerate(zip(*(words[j:] for j in range(n)))):
-        if gram in seen:
-            covered[i:i + n] = [True] * n
-        else:
-            seen.add(gram)
-    return sum(len(w) for w, hit in zip(words, covered) if hit)
+def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash of every word n-gram (n_words - n + 1,); wraps mod 2^64."""
+    h = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+    for j in range(n):
+        h = h * np.uint64(1_000_003) + ids[j: len(ids) - n + 1 + j]
+    return h
+
+
+def _repeated_ngram_chars(ids: np.ndarray, lengths: np.ndarray, n: int) -> int:
+    """Characters of the words covered by an n-gram that already occurred earlier (each word counted once)."""
+    h = _ngram_hashes(ids, n)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    repeats = np.flatnonzero(first[inverse] != np.arange(len(h)))  # starts of n-grams seen before
+    if not len(repeats):
+        return 0
+    cover = np.zeros(len(ids) + 1, dtype=np.int64)  # +1 at each start, -1 n words later: cumsum > 0 is covered
+    np.add.at(cover, repeats, 1)
+    np.add.at(cover, repeats + n, -1)
+    return int(lengths[np.cumsum(cover[:-1]) > 0].sum())
 
 
 @dataclass
@@ -178,7 +195,7 @@ class C4(Filter):
         for line in doc.text.split("\n"):
             line = _CITATION.sub("", line).strip() if c.drop_citations else line.strip()
             words = line.split()
-            if any(len(w) > c.max_word_length for w in words):
+            if max(map(len, words), default=0) > c.max_word_length:
                 return False, "c4_long_word"
             low = line.lower()
             if (not line.endswith(C4_END) or line.endswith("...") or len(words) < c.min_words_per_line
