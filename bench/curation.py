@@ -58,10 +58,10 @@ def run_corral(inputs: Path, out: Path, workers: int) -> float:
 
 
 def run_datatrove(inputs: Path, out: Path, workers: int, shards: int) -> float:
+    from datatrove.data import Document
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
     from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
-    from datatrove.data import Document
     from datatrove.utils.word_tokenizers import WordTokenizer
 
     class Whitespace(WordTokenizer):

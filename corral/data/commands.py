@@ -37,12 +37,12 @@ def cmd_curate(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
     if args.executor == "ray":
-        from corral.data.ray_executor import run_ray
+        from corral.data.ray_executor import ray_runner
 
-        runner = run_ray(args.workers, args.address)
+        with ray_runner(args.workers, args.address) as runner:
+            report = curate(config, runner)
     else:
-        runner = run_local(args.workers)
-    report = curate(config, runner)
+        report = curate(config, run_local(args.workers))
     steps = report["steps"]
     print(json.dumps({"output": config.output.dir, "shards": report["shards"],
                       "kept": {name: s["kept"] for name, s in steps.items()}}))

@@ -81,7 +81,8 @@ def _pairs(labels, dropped, roots, key, wanted) -> tuple[int, int]:
         total += 1
         for member in (doc_id, lab[key]):
             rec = dropped.get(member)
-            if rec and _family(rec["step"]) == "dedup" and roots.get(rec["metadata"].get("duplicate_of")) == roots[doc_id]:
+            twin = rec["metadata"].get("duplicate_of") if rec else None
+            if rec and _family(rec["step"]) == "dedup" and roots.get(twin) == roots[doc_id]:
                 found += 1
                 break
     return found, total

@@ -59,7 +59,8 @@ def test_gzip_zstd_and_parquet_are_read_by_content_not_name(tmp_path):
 
 def test_invalid_json_and_undecodable_lines_are_skipped_and_counted(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(jsonl("good") + b'{"text": broken\n' + b'{"text": "\xff\xfe bytes"}\n' + b'[1, 2]\n' + jsonl("fine"))
+    bad = b'{"text": broken\n' + b'{"text": "\xff\xfe bytes"}\n' + b'[1, 2]\n'
+    path.write_bytes(jsonl("good") + bad + jsonl("fine"))
     docs, reader = read(path)
     assert [d.text for d in docs] == ["good", "fine"]
     assert dict(reader.stats.dropped) == {"invalid_json": 1, "undecodable_bytes": 1, "no_text": 1}
