@@ -14,6 +14,7 @@ from corral import repl
 from corral.bench import harness as bench
 from corral.data import commands as data
 from corral.errors import CorralError, FormatError
+from corral.posttrain import commands as posttrain
 from corral.server import commands as server
 from corral.store import commands as store
 from corral.train import commands as train
@@ -140,6 +141,8 @@ COMMANDS: dict[str, Command] = {
     "quantize": Command(store.cmd_quantize, store.quantize_arguments,
                         "quantize a model: GGUF Q4_K_M/Q5_K_M/Q6_K/Q8_0/Q4_0, or runtime int8/int4"),
     "pretrain": Command(train.cmd_pretrain, train.pretrain_arguments, "pretrain a Llama 3 model from a TOML config"),
+    "finetune": Command(posttrain.cmd_finetune, posttrain.finetune_arguments,
+                        "fine-tune a model (SFT, reward model, DPO) from a TOML config"),
     "export": Command(train.cmd_export, train.export_arguments, "export a trained checkpoint as hf, meta or gguf"),
     "scaling sweep": Command(scaling.cmd_sweep, scaling.sweep_arguments, "train the grid of small models"),
     "scaling fit": Command(scaling.cmd_fit, scaling.fit_arguments, "fit the law, draw it, predict the target"),
