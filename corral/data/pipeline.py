@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from corral.config import from_dict, load_toml_config
-from corral.data import blocklists, dedup, language, quality
+from corral.data import blocklists, decontaminate, dedup, language, quality
 from corral.data.documents import Step
 from corral.data.inputs import Reader
 from corral.errors import ConfigError
@@ -97,6 +97,7 @@ STEPS: dict[str, tuple[type, Callable[[Any], Step | GlobalDedup]]] = {
     "bad_words": (blocklists.BadWordsConfig, blocklists.BadWords),
     "pii": (blocklists.PiiConfig, blocklists.PiiMask),
     "line_dedup": (dedup.LineDedupConfig, dedup.LineDedup),
+    "decontaminate": (decontaminate.DecontaminateConfig, decontaminate.Decontaminate),
     "exact_dedup": (DedupStepConfig, _exact),
     "minhash_dedup": (dedup.MinHashConfig, _minhash),
 }
