@@ -24,8 +24,11 @@ def _flags(p: argparse.ArgumentParser) -> None:
                         "a local one with --workers CPUs")
 
 
-def cmd_curate(args: argparse.Namespace) -> int:
-    """Curate input shards as the config says; a rerun redoes only the shards that did not finish."""
+def cmd_curate(args: argparse.Namespace, embed=None) -> int:
+    """Curate input shards as the config says; a rerun redoes only the shards that did not finish.
+
+    ``embed`` (texts -> unit vectors) serves semantic_dedup; corral.cli passes all-MiniLM-L6-v2's.
+    """
     from corral.data.executor import curate, run_local
     from corral.data.pipeline import load_config
     from corral.errors import ConfigError
@@ -40,9 +43,9 @@ def cmd_curate(args: argparse.Namespace) -> int:
         from corral.data.ray_executor import ray_runner
 
         with ray_runner(args.workers, args.address) as runner:
-            report = curate(config, runner)
+            report = curate(config, runner, embed)
     else:
-        report = curate(config, run_local(args.workers))
+        report = curate(config, run_local(args.workers), embed)
     steps = report["steps"]
     print(json.dumps({"output": config.output.dir, "shards": report["shards"],
                       "kept": {name: s["kept"] for name, s in steps.items()}}))

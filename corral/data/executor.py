@@ -27,9 +27,11 @@ from corral.config import from_dict
 from corral.data.documents import Document, ExclusionWriter, StepStats, run_steps
 from corral.data.pipeline import CurateConfig, GlobalDedup, build_step, make_reader, stages, step_key
 from corral.data.readers import expand_sources
+from corral.data.semdedup import Embed
 
-Task = tuple[dict, int, int]
-"""(config as a plain dict, stage, shard): all a worker process needs, picklable."""
+Task = tuple[dict, int, int, "Embed | None"]
+"""(config as a plain dict, stage, shard, embedding function): all a worker needs, picklable (the
+function by reference: a module-level function)."""
 RunTasks = Callable[[Callable[[Task], None], list[Task], str], None]
 """(task function, tasks, progress label) -> None once all are done: what an executor provides."""
 
@@ -68,7 +70,7 @@ class _Paths:
 
 def run_task(task: Task) -> None:
     """One shard through one stage: read (or take the previous stage's survivors), run the steps, write."""
-    raw, s, shard = task
+    raw, s, shard, embed = task
     config = from_dict(CurateConfig, raw, what="curate config")
     paths = _Paths(config.output.dir)
     local, barrier = stages(config)[s]
@@ -89,9 +91,9 @@ def run_task(task: Task) -> None:
     os.replace(exclusions_path.with_suffix(".tmp"), exclusions_path)
     _atomic_write(out_path, "".join(d.to_json() + "\n" for d in kept).encode())
     if not final:
-        sig = build_step(config.steps[barrier], barrier)
+        sig = build_step(config.steps[barrier], barrier, embed)
         assert isinstance(sig, GlobalDedup)
-        signatures = np.stack([sig.signature(d.text) for d in kept]) if kept else np.zeros((0, 1), np.uint32)
+        signatures = sig.signatures([d.text for d in kept]) if kept else np.zeros((0, 1), np.uint32)
         np.save(paths.stage(s) / f"sig-{shard:05d}.npy", signatures)
     stats.update({step.name: step.stats for step in steps})
     _atomic_write(paths.stage(s) / f"stats-{shard:05d}.json",
@@ -131,13 +133,14 @@ def _marked(paths: _Paths, s: int, shard: int, name: str, dups: dict, step_stats
         yield doc
 
 
-def resolve_barrier(config: CurateConfig, s: int, n_shards: int) -> None:
+def resolve_barrier(config: CurateConfig, s: int, n_shards: int, embed: Embed | None) -> None:
     """All shards' signatures in order -> each shard's {position: id of the kept twin}."""
     paths = _Paths(config.output.dir)
     if paths.resolved(s).exists():
         return
     _, barrier = stages(config)[s]
-    step = build_step(config.steps[barrier], barrier)
+    step = build_step(config.steps[barrier], barrier, embed)
+    assert isinstance(step, GlobalDedup)
     sigs, where = [], []
     for shard in range(n_shards):
         sig = np.load(paths.stage(s) / f"sig-{shard:05d}.npy")
@@ -174,7 +177,7 @@ def run_local(workers: int) -> RunTasks:
     return run
 
 
-def curate(config: CurateConfig, run_tasks: RunTasks) -> dict:
+def curate(config: CurateConfig, run_tasks: RunTasks, embed: Embed | None = None) -> dict:
     """Run every stage (skipping finished tasks), then write the report; returns the report."""
     from corral.data.report import write_report
 
@@ -183,9 +186,9 @@ def curate(config: CurateConfig, run_tasks: RunTasks) -> dict:
     paths = _Paths(config.output.dir)
     plan = stages(config)
     for s, (_, barrier) in enumerate(plan):
-        todo = [(raw, s, shard) for shard in range(n_shards) if not paths.marker(s, shard).exists()]
+        todo = [(raw, s, shard, embed) for shard in range(n_shards) if not paths.marker(s, shard).exists()]
         if todo:
             run_tasks(run_task, todo, f"stage {s + 1}/{len(plan)}")
         if barrier is not None:
-            resolve_barrier(config, s, n_shards)
+            resolve_barrier(config, s, n_shards, embed)
     return write_report(config, n_shards)

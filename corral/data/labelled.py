@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEDUP_STEPS = ("exact_dedup", "minhash_dedup")
+DEDUP_STEPS = ("exact_dedup", "minhash_dedup", "semantic_dedup")
 
 
 def _load(path: Path) -> list[dict]:

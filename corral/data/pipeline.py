@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from corral.config import from_dict, load_toml_config
-from corral.data import blocklists, decontaminate, dedup, language, quality
+from corral.data import blocklists, decontaminate, dedup, language, quality, semdedup
 from corral.data.documents import Step
 from corral.data.inputs import Reader
 from corral.errors import ConfigError
@@ -68,26 +68,39 @@ class DedupStepConfig:
 
 
 class GlobalDedup:
-    """A barrier step: per-document signatures in the shard tasks, one ordered resolve over all of them."""
+    """A barrier step: signatures in the shard tasks (``signatures(texts) -> (N, k)``), then one resolve
+    over all shards' signatures in order (``resolve(signatures) -> index duplicated or -1, per row``)."""
 
-    def __init__(self, name: str, signature: Callable[[str], np.ndarray], bands: int):
-        self.name, self.signature, self.bands = name, signature, bands
-
-    def resolve(self, signatures: np.ndarray) -> list[int]:
-        return dedup.resolve(signatures, self.bands)
-
-
-def _exact(_: DedupStepConfig) -> GlobalDedup:
-    return GlobalDedup("exact_dedup", dedup.exact_signature, 1)
+    def __init__(self, name: str, signatures: Callable[[list[str]], np.ndarray],
+                 resolve: Callable[[np.ndarray], list[int]]):
+        self.name, self.signatures, self.resolve = name, signatures, resolve
 
 
-def _minhash(c: dedup.MinHashConfig) -> GlobalDedup:
-    return GlobalDedup("minhash_dedup", dedup.MinHasher(c).signature, c.bands)
+def _per_doc(signature: Callable[[str], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
+    return lambda texts: np.stack([signature(t) for t in texts])
 
 
-# kind -> (config dataclass, builder). Builders return a Step (runs inside a shard task) or a
-# GlobalDedup (a barrier between shard tasks).
-STEPS: dict[str, tuple[type, Callable[[Any], Step | GlobalDedup]]] = {
+def _exact(_: DedupStepConfig, embed: semdedup.Embed | None) -> GlobalDedup:
+    return GlobalDedup("exact_dedup", _per_doc(dedup.exact_signature), lambda sigs: dedup.resolve(sigs, 1))
+
+
+def _minhash(c: dedup.MinHashConfig, embed: semdedup.Embed | None) -> GlobalDedup:
+    return GlobalDedup("minhash_dedup", _per_doc(dedup.MinHasher(c).signature),
+                       lambda sigs: dedup.resolve(sigs, c.bands))
+
+
+def _semantic(c: semdedup.SemDedupConfig, embed: semdedup.Embed | None) -> GlobalDedup:
+    if embed is None:
+        raise ConfigError("semantic_dedup needs an embedding model; `corral curate` passes all-MiniLM-L6-v2")
+    return GlobalDedup("semantic_dedup", embed, lambda sigs: semdedup.semdedup(sigs, c))
+
+
+BARRIERS = {"exact_dedup": _exact, "minhash_dedup": _minhash, "semantic_dedup": _semantic}
+
+
+# kind -> (config dataclass, builder). Builders return a Step (runs inside a shard task) or, for the
+# kinds in BARRIERS, a GlobalDedup (a barrier between shard tasks; built with the embedding function).
+STEPS: dict[str, tuple[type, Callable[..., Step | GlobalDedup]]] = {
     "language": (language.LanguageConfig, language.LanguageFilter),
     "gopher_quality": (quality.GopherQualityConfig, quality.GopherQuality),
     "gopher_repetition": (quality.GopherRepetitionConfig, quality.GopherRepetition),
@@ -100,6 +113,7 @@ STEPS: dict[str, tuple[type, Callable[[Any], Step | GlobalDedup]]] = {
     "decontaminate": (decontaminate.DecontaminateConfig, decontaminate.Decontaminate),
     "exact_dedup": (DedupStepConfig, _exact),
     "minhash_dedup": (dedup.MinHashConfig, _minhash),
+    "semantic_dedup": (semdedup.SemDedupConfig, _semantic),
 }
 
 
@@ -113,9 +127,9 @@ def step_config(spec: dict, index: int) -> tuple[str, Any]:
     return kind, from_dict(STEPS[kind][0], spec, where, what="curate config")
 
 
-def build_step(spec: dict, index: int) -> Step | GlobalDedup:
+def build_step(spec: dict, index: int, embed: semdedup.Embed | None = None) -> Step | GlobalDedup:
     kind, config = step_config(spec, index)
-    step = STEPS[kind][1](config)
+    step = BARRIERS[kind](config, embed) if kind in BARRIERS else STEPS[kind][1](config)
     step.name = step_key(index, kind)
     return step
 
@@ -146,7 +160,7 @@ def stages(config: CurateConfig) -> list[tuple[list[int], int | None]]:
     out: list[tuple[list[int], int | None]] = []
     local: list[int] = []
     for i, spec in enumerate(config.steps):
-        if STEPS[spec["kind"]][1] in (_exact, _minhash):
+        if spec["kind"] in BARRIERS:
             out.append((local, i))
             local = []
         else:
