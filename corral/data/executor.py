@@ -74,7 +74,7 @@ def run_task(task: Task) -> None:
     config = from_dict(CurateConfig, raw, what="curate config")
     paths = _Paths(config.output.dir)
     local, barrier = stages(config)[s]
-    steps = [build_step(config.steps[i], i) for i in local]
+    steps = [build_step(config.steps[i], i, embed) for i in local]
     stats: dict[str, StepStats] = {}
     files = expand_sources(config.input.paths)
     if s == 0:

@@ -25,12 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from corral.config import load_toml_config
+from corral.data.documents import Document
 from corral.data.inputs import Reader
 from corral.data.readers import expand_sources
 from corral.data.shards import write_shard
@@ -46,6 +48,9 @@ class MixSource:
     """Curated shards (JSONL), text files, or directories of them."""
     weight: float = 1.0
     """Repeats per document: 2.0 doubles the source, 0.5 keeps half of it, 0 leaves it out of training."""
+    chunk_chars: int = 0
+    """Cut longer documents at paragraph breaks into pieces of about this many characters (a book becomes
+    many documents, so weighting and the validation split work inside it); 0 keeps documents whole."""
 
 
 @dataclass
@@ -84,6 +89,23 @@ def repeats(weight: float, u: float) -> int:
     return math.floor(weight) + (1 if u < weight - math.floor(weight) else 0)
 
 
+def chunks(docs: Iterable[Document], size: int) -> Iterator[Document]:
+    """Documents cut at blank lines into pieces of at least ``size`` characters (the last may be shorter)."""
+    for doc in docs:
+        if size <= 0 or len(doc.text) <= size:
+            yield doc
+            continue
+        piece: list[str] = []
+        k = 0
+        for paragraph in doc.text.split("\n\n"):
+            piece.append(paragraph)
+            if sum(map(len, piece)) >= size:
+                yield Document("\n\n".join(piece), f"{doc.id}#{k}", doc.metadata)
+                piece, k = [], k + 1
+        if piece:
+            yield Document("\n\n".join(piece), f"{doc.id}#{k}", doc.metadata)
+
+
 def write_mix(config: MixConfig, tokenizer=None) -> dict:
     """Tokenize and weight every source; write train shards, per-source val shards and manifest.json."""
     if tokenizer is None:
@@ -106,7 +128,7 @@ def write_mix(config: MixConfig, tokenizer=None) -> dict:
     for source in config.sources:
         reader, val, stats = Reader(), [], {"documents": 0, "train_copies": 0, "train_tokens": 0, "val_tokens": 0}
         for file in expand_sources(source.paths):
-            for doc in reader.read(file):
+            for doc in chunks(reader.read(file), source.chunk_chars):
                 stats["documents"] += 1
                 if _unit(config.seed, "val", source.name, doc.id) < config.val_fraction:
                     val.append(doc.text)

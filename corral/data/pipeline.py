@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from corral.config import from_dict, load_toml_config
-from corral.data import blocklists, decontaminate, dedup, language, quality, semdedup
+from corral.data import blocklists, decontaminate, dedup, language, quality, quality_classifier, semdedup
 from corral.data.documents import Step
 from corral.data.inputs import Reader
 from corral.errors import ConfigError
@@ -95,6 +95,7 @@ def _semantic(c: semdedup.SemDedupConfig, embed: semdedup.Embed | None) -> Globa
     return GlobalDedup("semantic_dedup", embed, lambda sigs: semdedup.semdedup(sigs, c))
 
 
+NEEDS_EMBED = {"quality_classifier"}  # shard-local steps built with the embedding function
 BARRIERS = {"exact_dedup": _exact, "minhash_dedup": _minhash, "semantic_dedup": _semantic}
 
 
@@ -111,6 +112,7 @@ STEPS: dict[str, tuple[type, Callable[..., Step | GlobalDedup]]] = {
     "pii": (blocklists.PiiConfig, blocklists.PiiMask),
     "line_dedup": (dedup.LineDedupConfig, dedup.LineDedup),
     "decontaminate": (decontaminate.DecontaminateConfig, decontaminate.Decontaminate),
+    "quality_classifier": (quality_classifier.QualityConfig, quality_classifier.QualityFilter),
     "exact_dedup": (DedupStepConfig, _exact),
     "minhash_dedup": (dedup.MinHashConfig, _minhash),
     "semantic_dedup": (semdedup.SemDedupConfig, _semantic),
@@ -129,7 +131,10 @@ def step_config(spec: dict, index: int) -> tuple[str, Any]:
 
 def build_step(spec: dict, index: int, embed: semdedup.Embed | None = None) -> Step | GlobalDedup:
     kind, config = step_config(spec, index)
-    step = BARRIERS[kind](config, embed) if kind in BARRIERS else STEPS[kind][1](config)
+    if kind in BARRIERS or kind in NEEDS_EMBED:
+        step = (BARRIERS.get(kind) or STEPS[kind][1])(config, embed)
+    else:
+        step = STEPS[kind][1](config)
     step.name = step_key(index, kind)
     return step
 
