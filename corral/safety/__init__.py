@@ -1,2 +1,2 @@
-"""Safety: Llama Guard prompting and verdicts, the embedded guard, and (corral.safety.codeshield) insecure-code
-scanning. The server plugs guards into its stream filters; nothing here imports the server."""
+"""Safety in the serving path: Llama Guard prompting and verdicts, the embedded guard, and Code Shield
+(insecure-code scanning). The server plugs both into its stream filters; nothing here imports the server."""
