@@ -39,7 +39,8 @@ class WordGuard:
 
 
 def _server_conftest():
-    spec = importlib.util.spec_from_file_location("server_conftest", Path(__file__).parents[1] / "server" / "conftest.py")
+    path = Path(__file__).parents[1] / "server" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("server_conftest", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
@@ -137,7 +138,8 @@ def test_unsafe_input_is_refused_before_generation(server, guarded):
     history = [{"role": "user", "content": "forbidden"}, {"role": "assistant", "content": "ok"},
                {"role": "user", "content": "go on"}]
     with server.http() as h:
-        lines = [json.loads(x) for x in h.post("/api/chat", json={"model": MODEL, "messages": history}).text.splitlines()]
+        raw = h.post("/api/chat", json={"model": MODEL, "messages": history}).text
+    lines = [json.loads(x) for x in raw.splitlines()]
     assert lines[-1]["done_reason"] == "content_filter" and lines[0]["message"]["content"] == CUT_TEXT
     assert server.state.metrics.generated_tokens.get(MODEL, 0) == before
 
