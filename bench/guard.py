@@ -25,15 +25,18 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve import QUESTIONS, start_corral, wait_ready  # noqa: E402
+from serve import QUESTIONS, served_name, start_corral, wait_ready  # noqa: E402
 
 
-def one_request(client: httpx.Client, base: str, question: str, max_tokens: int) -> tuple[float, float, int, str]:
+def one_request(client: httpx.Client, base: str, model: str, question: str, max_tokens: int
+                ) -> tuple[float, float, int, str]:
     """(latency s, time to first content chunk s, content chunks, finish reason) of one streamed chat."""
-    body = {"model": "model", "messages": [{"role": "user", "content": question}], "stream": True,
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "stream": True,
             "temperature": 0, "max_tokens": max_tokens}
     sent, first, chunks, finish = time.perf_counter(), None, 0, ""
     with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -50,9 +53,11 @@ def run(model: str, guard: bool, requests: int, max_tokens: int) -> dict:
     proc, base = start_corral(model, 1, home, ("--guard",) if guard else ())
     try:
         wait_ready(f"{base}/health", proc)
+        name = served_name(base, model)
         with httpx.Client(timeout=600) as client:
-            one_request(client, base, "Hi", 4)  # load the model (and the guard) before timing
-            rows = [one_request(client, base, QUESTIONS[i % len(QUESTIONS)], max_tokens) for i in range(requests)]
+            one_request(client, base, name, "Hi", 4)  # load the model (and the guard) before timing
+            rows = [one_request(client, base, name, QUESTIONS[i % len(QUESTIONS)], max_tokens)
+                    for i in range(requests)]
             moderation = []
             for q in QUESTIONS[:requests]:
                 sent = time.perf_counter()
