@@ -76,7 +76,7 @@ def bulk_ms_per_kb(rows: list[dict], copies: int = 20) -> dict[str, float]:
     out = {}
     for language in sorted({r["language"] for r in rows}):
         text = "\n".join(r["snippet"] for r in rows if r["language"] == language) * copies
-        best = min(_timed(lambda: scan(text, language)) for _ in range(3))
+        best = min(_timed(lambda text=text, language=language: scan(text, language)) for _ in range(3))
         out[language] = 1e3 * best / (len(text.encode()) / 1024)
     return out
 
