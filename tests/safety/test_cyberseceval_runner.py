@@ -71,7 +71,7 @@ def test_cli_end_to_end_against_live_corral(corral_server, suite, tmp_path, caps
     from corral.cli import main
 
     out = tmp_path / suite
-    assert main(["cyberseceval", "--suite", suite, "--server", corral_server.url, "--model", "smollm2:135m",
+    assert main(["eval", "cyberseceval", "--suite", suite, "--server", corral_server.url, "--model", "smollm2:135m",
                  "--limit", "3", "--max-tokens", "24", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cases"] == 3 and summary["judged"] + summary["unjudged"] == 3
