@@ -29,9 +29,10 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _trunk_state(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """Meta-named Transformer weights: a reward model's trunk.* prefix dropped, the head left out."""
-    if any(k.startswith("trunk.") for k in state):
-        state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
+    """Meta-named Transformer weights: a reward model's trunk.* (PPO's policy.*) prefix dropped, the head left out."""
+    for prefix in ("trunk.", "policy."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if config.tie_embeddings:
         state.pop("output.weight", None)
     return state
@@ -100,7 +101,8 @@ def _save_adapter(run, base, config: FinetuneConfig) -> Path | None:
     if run.rank != 0:
         return None
     out = Path(config.output.dir or Path(config.out_dir) / "adapter")
-    save_peft_adapter(adapter_of(run.model), base.model.config, out, base_model=config.model.source)
+    policy = getattr(run.model, "policy", run.model)  # PPO's ActorCritic: the policy's adapter
+    save_peft_adapter(adapter_of(policy), base.model.config, out, base_model=config.model.source)
     if config.output.store_name:
         store_model(base.path, config.output.store_name, adapter=out)
     return out
