@@ -82,6 +82,20 @@ def _is_training_run(path: Path) -> bool:
     return path.is_dir() and ((path / "meta.json").exists() or (path / "checkpoints").is_dir())
 
 
+TURN_ENDS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+"""Special tokens that end a turn in the chat formats people use (Llama 3, ChatML, Phi, Gemma)."""
+
+
+def template_format(template: str, tokenizer):
+    """A Jinja chat format that stops at end of text and at whichever turn-end tokens the vocabulary has."""
+    from corral.tokenizer.template import template_chat_format
+
+    stops = {tokenizer.special_tokens[t] for t in TURN_ENDS if t in tokenizer.special_tokens}
+    if tokenizer.eos_id is not None:
+        stops.add(tokenizer.eos_id)
+    return template_chat_format(template, tokenizer, stop_ids=stops)
+
+
 def load_base(source: str, chat_template: str, device: torch.device) -> Base:
     """The starting weights as a float32 Transformer on ``device``, its tokenizer and its chat format."""
     from corral.checkpoint.base import Checkpoint
@@ -100,9 +114,7 @@ def load_base(source: str, chat_template: str, device: torch.device) -> Base:
     tokenizer, _ = load_tokenizer_for(ckpt)
     chat_format = chat_format_for(ckpt, tokenizer)
     if chat_template:
-        from corral.tokenizer.template import template_chat_format
-
-        chat_format = template_chat_format(Path(chat_template).read_text(encoding="utf-8"), tokenizer)
+        chat_format = template_format(Path(chat_template).read_text(encoding="utf-8"), tokenizer)
     if chat_format is None:
         raise TemplateMismatchError(f"{path} carries no chat template; give one in model.chat_template")
     model = build_model(ckpt.config, {k: v.float() for k, v in ckpt.state_dict.items()}).to(device).train()
@@ -134,7 +146,8 @@ def apply_finetune_lora(model: nn.Module, lora: LoraConfig) -> None:
     except ImportError:
         raise ConfigError("lora.enabled needs corral.model.lora, which this build does not have yet; "
                           "set lora.enabled = false for full fine-tuning") from None
-    apply_lora(model, targets=list(lora.targets), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
+    apply_lora(model, targets=list(lora.targets), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+               layers=lora.layers or None)
 
 
 # --- 3 and 6. objectives --------------------------------------------------------------------
@@ -146,8 +159,11 @@ class Objective:
 
     pairs: bool
     wrap: Callable[[nn.Module], nn.Module]
-    build: Callable[[Run, Dataset, FinetuneConfig], tuple[Callable, Callable[[], dict[str, float]]]]
+    build: Callable[[Run, Dataset, FinetuneConfig], tuple[Callable, Callable[[], dict[str, float]]]] | None
     """(run, dataset, config) -> (loss_fn, evaluate() -> held-out metrics)."""
+    sample: Callable[[Run, Base, FinetuneConfig], tuple[Any, Callable, Callable[[], dict[str, float]]]] | None = None
+    """RL objectives (ppo, rs) instead of build: no dataset, (run, base, config) -> (a batch source that
+    samples with the engine, loss_fn, evaluate) (corral.posttrain.rl_run)."""
 
 
 def _sft(run: Run, data: Dataset, config: FinetuneConfig):
@@ -159,14 +175,17 @@ def _sft(run: Run, data: Dataset, config: FinetuneConfig):
 
 
 def _rm(run: Run, data: Dataset, config: FinetuneConfig):
-    from corral.posttrain.reward import reward_evaluate, reward_objective
+    from corral.posttrain.reward import FeatureCache, reward_evaluate, reward_objective
 
     center = config.preference.center_rewards
+    cache = FeatureCache()  # used only while the trunk has nothing to train
 
     def evaluate() -> dict[str, float]:
-        return reward_evaluate(run.model, data.val, config.data.batch_size, center, run.device) if data.val else {}
+        if not data.val:
+            return {}
+        return reward_evaluate(run.model, data.val, config.data.batch_size, center, run.device, cache)
 
-    return reward_objective(center, run.device), evaluate
+    return reward_objective(center, run.device, cache), evaluate
 
 
 def _dpo(run: Run, data: Dataset, config: FinetuneConfig):
@@ -200,12 +219,32 @@ def _same(model: nn.Module) -> nn.Module:
     return model
 
 
+def _actor_critic(model: nn.Module) -> nn.Module:
+    from corral.posttrain.ppo import ActorCritic
+
+    return ActorCritic(model)
+
+
+def _ppo(run: Run, base: Base, config: FinetuneConfig):
+    from corral.posttrain.rl_run import ppo_objective
+
+    return ppo_objective(run, base, config)
+
+
+def _rs(run: Run, base: Base, config: FinetuneConfig):
+    from corral.posttrain.rl_run import rs_objective
+
+    return rs_objective(run, base, config)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "sft": Objective(pairs=False, wrap=_same, build=_sft),
     "rm": Objective(pairs=True, wrap=_reward_model, build=_rm),
     "dpo": Objective(pairs=True, wrap=_same, build=_dpo),
+    "ppo": Objective(pairs=False, wrap=_actor_critic, build=None, sample=_ppo),
+    "rs": Objective(pairs=False, wrap=_same, build=None, sample=_rs),
 }
-"""objective name -> Objective; "ppo" and "rs" (corral.posttrain.ppo, .rejection) join this table."""
+"""objective name -> Objective."""
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -230,7 +269,8 @@ def setup_finetune(config: FinetuneConfig) -> tuple[Run, Base, Dataset, Objectiv
     procs = start_processes(config)
     seed_everything(config.train.seed)
     base = load_base(config.model.source, config.model.chat_template, procs.device)
-    data = load_dataset(config.data, base.chat_format, pairs=objective.pairs)
+    # RL objectives read prompts, not a chat dataset (corral.posttrain.rl_run)
+    data = Dataset([], []) if objective.sample else load_dataset(config.data, base.chat_format, pairs=objective.pairs)
     if config.lora.enabled:
         apply_finetune_lora(base.model, config.lora)
     else:
@@ -253,8 +293,11 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
 
     started = time.perf_counter()
     run, base, data, objective = setup_finetune(config)
-    loss_fn, evaluate = objective.build(run, data, config)
-    pad_id = base.tokenizer.eos_id or 0
+    if objective.sample is not None:
+        source, loss_fn, evaluate = objective.sample(run, base, config)
+    else:
+        loss_fn, evaluate = objective.build(run, data, config)
+        source = IterableSource(_batches(objective, data, config, base.tokenizer.eos_id or 0))
     eval_log = EvalLog(Path(config.out_dir), enabled=run.rank == 0, tensorboard=config.train.tensorboard)
     before = evaluate()
     eval_log.write(int(run.scheduler.last_epoch), before)
@@ -264,8 +307,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         eval_log.write(int(run.scheduler.last_epoch), metrics)
         return metrics.get("val_loss")
 
-    result = train_loop(run, IterableSource(_batches(objective, data, config, pad_id)), loss_fn,
-                        evaluate=evaluate_and_log, name=f"finetune:{config.objective}")
+    result = train_loop(run, source, loss_fn, evaluate=evaluate_and_log, name=f"finetune:{config.objective}")
     eval_log.close()
     after = eval_log.last
     plot = plot_metrics(result.metrics_path, Path(config.out_dir) / "metrics.png") if run.rank == 0 else None
