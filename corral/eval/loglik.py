@@ -10,7 +10,7 @@ than the model's context keep their last max_length + 1 tokens (a warning says s
 Speed: requests that share a context are scored together. The context is run once (its keys and values
 go into a KV cache row), then every continuation of it in one batched forward that reads that row; the
 next context reuses the cached tokens it shares with the last one (a few-shot prefix is run once per
-subject, not once per question). Log-probabilities come from corral.train.loss.linear_logprobs, the
+subject, not once per question). Log-probabilities come from corral.train.loss.linear_logprobs_top, the
 same chunked projection the training losses use (DESIGN: one log-likelihood path).
 """
 
@@ -25,7 +25,7 @@ import torch
 from corral.engine.kv_cache import KVCache, cache_dtype
 from corral.errors import CorralError
 from corral.eval.generation import GenRequest, generate_local
-from corral.train.loss import linear_logprobs, output_weight
+from corral.train.loss import linear_logprobs_top, output_weight
 
 Tokens = list[int]
 CHUNK = 512
@@ -159,8 +159,7 @@ class LocalModel:
             self._weight = projection_weight(self.model)
         real = targets >= 0  # (B, t)
         rows = h[real]  # (n, dim): only the scored positions go through the (vocab, dim) projection
-        lp = linear_logprobs(rows, self._weight, targets[real])  # (n,) float32
-        top = (rows.float() @ self._weight.t()).argmax(-1) == targets[real]  # (n,)
+        lp, top = linear_logprobs_top(rows, self._weight, targets[real])  # (n,) float32, (n,) bool
         owner = real.nonzero()[:, 0]  # (n,) batch row of each scored position
         summed = torch.zeros(h.shape[0], dtype=torch.float64).index_add_(0, owner, lp.double())
         misses = torch.zeros(h.shape[0], dtype=torch.long).index_add_(0, owner, (~top).long())

@@ -152,6 +152,25 @@ def linear_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return out.view(targets.shape)
 
 
+def linear_logprobs_top(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_logprobs (no gradient) plus whether each target is the argmax, from the same logits chunk.
+
+    h (N, dim), weight (vocab, dim), targets (N,) -> log p (N,) float32, is-argmax (N,) bool. One projection
+    serves both (an evaluator needs both; projecting twice costs a second (N, vocab) matmul).
+    """
+    h2, w = h.float(), weight.float()
+    out = torch.empty(h2.shape[0], device=h.device)
+    top = torch.empty(h2.shape[0], dtype=torch.bool, device=h.device)
+    safe = targets.clamp(min=0)
+    for start in range(0, h2.shape[0], max(1, chunk_rows)):
+        stop = min(start + chunk_rows, h2.shape[0])
+        z = torch.mm(h2[start:stop], w.t())  # (rows, vocab), the same math as _LinearLogprobs.forward
+        out[start:stop] = z.gather(1, safe[start:stop, None]).squeeze(1) - torch.logsumexp(z, dim=1)
+        top[start:stop] = z.argmax(1) == safe[start:stop]
+    return out * (targets != IGNORE_INDEX), top
+
+
 def sequence_logprobs(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256
                       ) -> torch.Tensor:
     """Per-token log p(targets | tokens) (B, T) float32 of a whole Transformer; IGNORE_INDEX targets give 0.
