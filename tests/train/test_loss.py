@@ -11,7 +11,14 @@ from corral.errors import ConfigError
 from corral.model.config import ModelConfig
 from corral.model.llama import Transformer, init_weights_
 from corral.train.loop import read_metrics
-from corral.train.loss import build_loss, linear_cross_entropy, linear_logprobs, output_weight, sequence_logprobs
+from corral.train.loss import (
+    build_loss,
+    linear_cross_entropy,
+    linear_logprobs,
+    linear_logprobs_top,
+    output_weight,
+    sequence_logprobs,
+)
 from corral.train.pretrain import run_pretrain
 
 
@@ -129,3 +136,15 @@ def test_sequence_logprobs_equal_log_softmax_of_model_logits(tied):
     F.log_softmax(model(tokens), dim=-1).gather(-1, targets[..., None]).sum().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_linear_logprobs_top_matches_logprobs_and_argmax_across_chunks():
+    torch.manual_seed(0)
+    h, weight = torch.randn(7, 16), torch.randn(50, 16)
+    logits = h @ weight.t()  # (7, 50)
+    targets = logits.argmax(-1)
+    targets[::2] = (targets[::2] + 1) % 50  # rows 0, 2, 4, 6 are not the argmax
+    targets[3] = -100  # an ignored row: log p 0
+    lp, top = linear_logprobs_top(h, weight, targets, chunk_rows=3)
+    assert torch.equal(lp, linear_logprobs(h, weight, targets, chunk_rows=3))
+    assert top.tolist() == [False, True, False, False, False, True, False]
