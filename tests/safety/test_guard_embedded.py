@@ -55,7 +55,7 @@ def test_custom_categories_need_a_llama_guard_model(guard):
 
 
 def test_the_shipped_head_is_small_and_met_its_held_out_target():
-    assert sum(p.stat().st_size for p in HEAD_DIR.iterdir()) < 200_000
+    assert sum(p.stat().st_size for p in HEAD_DIR.iterdir()) < 2_500_000
     metrics = json.loads((HEAD_DIR / "metrics.json").read_text())
     assert metrics["flagged"]["f1"] >= 0.75 and metrics["held_out_examples"] > 300
     looks = metrics["lookalike_false_flags"]
