@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         x = cached_features(corral.load(), [texts[i] for i in train], CV_SPEC, cache)
         return cross_validate(x, [examples[i] for i in train])
     x = cached_features(corral.load(), texts, SPEC, cache)
+    torch.set_num_threads(1)  # one thread from here on: the fit's float sums, and so the weights, are byte-stable
+    threadpool_limits(1)
     test = [i for i, e in enumerate(examples) if e.id in held]
     mean, scale = x[train].mean(0), x[train].std(0).clamp_min(1e-4)
     z = (x - mean) / scale
