@@ -63,3 +63,41 @@ class DatasetError(CorralError, ValueError):
 
 class TemplateMismatchError(ChatFormatError):
     """A chat template and the tokenizer disagree (its turn markers are not the tokenizer's special tokens)."""
+
+
+class EvalDataError(FormatError):
+    """An evaluation data row is malformed; the message names the file, the line and the field."""
+
+    def __init__(self, message: str, *, path: str, line: int, field: str | None = None):
+        self.line = line
+        super().__init__(f"line {line}: {message}", path=path, field=field)
+
+
+class UnknownTaskError(CorralError, KeyError):
+    """An evaluation task name is not in the task table; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class EvalServerError(CorralError, ConnectionError):
+    """An evaluation server did not answer (after retries) or answered without what scoring needs."""
+
+
+class RuleFileError(CorralError, ValueError):
+    """A Code Shield rule file is malformed: bad TOML, a missing field, or a regex refused at load."""
+
+
+class CodeScanError(CorralError, ValueError):
+    """Code Shield cannot scan this input: an unknown language, or bytes that are not text."""
+
+class GuardVerdictError(CorralError, ValueError):
+    """A guard model answered outside the grammar `safe` | `unsafe` [newline S<n>,...] (corral.safety)."""
+
+    def __init__(self, message: str, *, text: str = ""):
+        super().__init__(message)
+        self.text = text
+
+
+class GuardInputError(CorralError, ValueError):
+    """A conversation or file the guard cannot assess: no message, unknown role, bad JSON line."""

@@ -183,6 +183,7 @@ def load(
     max_batch_size: int = 8,
     max_seq_len: int | None = None,
     speculate: str | Path | None = None,
+    adapters: Sequence[str | Path] = (),
 ) -> LLM:
     """Load a GGUF file, an HF directory or a Meta directory (default: the embedded SmolLM2).
 
@@ -190,13 +191,15 @@ def load(
     unless a dtype is asked for; anything else loads as stored. "none" widens a GGUF to float32;
     "int8" or "int4" quantize weight-only (see corral.model.quant). compile: torch.compile the
     decode step (slow first call). speculate: "lookup" for prompt-lookup drafting, or the path of a draft model with the
-    same tokenizer; greedy requests then decode several tokens per forward.
+    same tokenizer; greedy requests then decode several tokens per forward. adapters: LoRA adapters (PEFT
+    directories or GGUF LoRA files) stacked in order: merged into float weights, or kept as LoRA layers
+    over a quantized base.
     """
     path = Path(path) if path is not None else default_model_path()
     if quant is None:
         native = dtype in (None, torch.float32) and detect_format(path) == "gguf"
         quant = "gguf" if native else None
-    ckpt, model = _load_model(path, dtype, None if quant == "none" else quant)
+    ckpt, model = _load_model(path, dtype, None if quant == "none" else quant, adapters)
     tokenizer, add_bos = load_tokenizer_for(ckpt)
     chat_format = chat_format_for(ckpt, tokenizer)
     llm = LLM(model, tokenizer, chat_format, add_bos=add_bos, name=path.name)
@@ -205,7 +208,8 @@ def load(
     return llm
 
 
-def _load_model(path: Path, dtype: torch.dtype | None, quant: str | None) -> tuple[Checkpoint, Transformer]:
+def _load_model(path: Path, dtype: torch.dtype | None, quant: str | None,
+                adapters: Sequence[str | Path] = ()) -> tuple[Checkpoint, Transformer]:
     from corral.checkpoint.gguf import KQUANT_TYPES, NATIVE_QUANT_TYPES, load_gguf_quantized
     from corral.model.quant import apply_gguf_quant_, quantize_
 
@@ -222,12 +226,26 @@ def _load_model(path: Path, dtype: torch.dtype | None, quant: str | None) -> tup
         # fused; K-quant weights and token tables stay views of the mapped file.
         model = apply_gguf_quant_(build_model(ckpt.config, ckpt.state_dict), raw, make_linear=gguf_linear,
                                   make_embedding=gguf_embedding)
+        # Adapters stay LoRA layers over the blocks (before fusing: a LoRA-wrapped projection is not fused).
+        model = _with_adapters(model, adapters, merge=False)
         return ckpt, apply_kernel_attention_(apply_fused_projections_(model))
     ckpt = load_checkpoint(path, dtype=dtype)
-    model = build_model(ckpt.config, ckpt.state_dict)
+    model = _with_adapters(build_model(ckpt.config, ckpt.state_dict), adapters, merge=True)
     if quant is not None:
         quantize_(model, quant)  # an unknown scheme is a ConfigError naming the choices
     return ckpt, model
+
+
+def _with_adapters(model: Transformer, adapters: Sequence[str | Path], *, merge: bool) -> Transformer:
+    """Stack each adapter on `model`; merge=True folds them into the float weights (decode at base speed)."""
+    from corral.checkpoint.adapter import apply_adapter, load_adapter
+    from corral.model.lora import merge_lora
+
+    for adapter in adapters:
+        apply_adapter(model, load_adapter(adapter, model.config))
+        if merge:
+            merge_lora(model)
+    return model
 
 
 def _drafter(speculate: str | Path | None, dtype: torch.dtype | None):

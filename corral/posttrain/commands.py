@@ -9,11 +9,12 @@ import argparse
 import json
 
 _EPILOG = """\
-The config is TOML (see configs/finetune/*.toml and docs/posttrain.md): objective = "sft" | "rm" | "dpo",
-[model] source = a checkpoint path or a stored model name, [data] train = ["file.jsonl"], and the
-pretraining sections [optim] [train] [checkpoint]. Any field can be overridden after the config:
---train.steps=50 --data.batch_size=2 --preference.beta=0.2. The run directory (out_dir) gets
-metrics.jsonl, tensorboard/, metrics.png, checkpoints/ and the fine-tuned model (model/).
+The config is TOML (see configs/finetune/*.toml and docs/posttrain.md): objective = "sft" | "rm" | "dpo" |
+"ppo" | "rs", [model] source = a checkpoint path or a stored model name, [data] train = ["file.jsonl"]
+(for ppo and rs: prompts, {"prompt": ..., "split": "train"|"held"} rows, scored by [reward]; their
+settings are [ppo] and [rs]), and the pretraining sections [optim] [train] [checkpoint]. Any field
+can be overridden after the config: --train.steps=50 --data.batch_size=2 --preference.beta=0.2. The run
+directory (out_dir) gets metrics.jsonl, tensorboard/, metrics.png, checkpoints/ and the fine-tuned model (model/).
 For several processes: torchrun --nproc_per_node=N -m corral finetune CONFIG ..."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from corral.config import from_dict, load_toml_config
 from corral.errors import ConfigError
+from corral.posttrain.rl_config import PPOConfig, RewardConfig, RSConfig, check_rl_sections
 from corral.train.config import (
     CheckpointConfig,
     FailureConfig,
@@ -81,6 +82,8 @@ class LoraConfig:
                                                         "attention.wo", "feed_forward.w1", "feed_forward.w2",
                                                         "feed_forward.w3"])
     """Linear layers of every block that get adapters, by Meta name (and "output" for the output projection)."""
+    layers: list[int] = field(default_factory=list)
+    """Blocks that get adapters (PEFT's layers_to_transform), e.g. the top few for a cheaper backward; empty: all."""
 
 
 @dataclass
@@ -137,6 +140,12 @@ class FinetuneConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """objective = "ppo": rollouts, KL penalty, GAE and clipping (corral.posttrain.ppo, .rollout)."""
+    rs: RSConfig = field(default_factory=RSConfig)
+    """objective = "rs": rejection sampling rounds (corral.posttrain.rejection)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """objective = "ppo" or "rs": what scores a response."""
     optim: OptimConfig = field(default_factory=_finetune_optim)
     train: TrainConfig = field(default_factory=_finetune_train)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -191,6 +200,10 @@ def check_finetune(config: FinetuneConfig) -> None:
                           "are scored one sequence per row")
     if config.optim.lr <= 0 or not 0 <= config.optim.min_lr_ratio <= 1:
         raise ConfigError("optim.lr must be positive and optim.min_lr_ratio in [0, 1]")
+    check_rl_sections(config.ppo, config.rs, config.reward)
+    if config.objective == "rs" and config.train.steps != config.rs.rounds * config.rs.steps_per_round:
+        raise ConfigError(f"train.steps={config.train.steps} must equal rs.rounds * rs.steps_per_round "
+                          f"= {config.rs.rounds * config.rs.steps_per_round} for objective = \"rs\"")
 
 
 # A table given in the TOML keeps fine-tuning's defaults for the keys it leaves out (not pretraining's).

@@ -146,7 +146,8 @@ def apply_finetune_lora(model: nn.Module, lora: LoraConfig) -> None:
     except ImportError:
         raise ConfigError("lora.enabled needs corral.model.lora, which this build does not have yet; "
                           "set lora.enabled = false for full fine-tuning") from None
-    apply_lora(model, targets=list(lora.targets), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
+    apply_lora(model, targets=list(lora.targets), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+               layers=lora.layers or None)
 
 
 # --- 3 and 6. objectives --------------------------------------------------------------------
@@ -158,8 +159,11 @@ class Objective:
 
     pairs: bool
     wrap: Callable[[nn.Module], nn.Module]
-    build: Callable[[Run, Dataset, FinetuneConfig], tuple[Callable, Callable[[], dict[str, float]]]]
+    build: Callable[[Run, Dataset, FinetuneConfig], tuple[Callable, Callable[[], dict[str, float]]]] | None
     """(run, dataset, config) -> (loss_fn, evaluate() -> held-out metrics)."""
+    sample: Callable[[Run, Base, FinetuneConfig], tuple[Any, Callable, Callable[[], dict[str, float]]]] | None = None
+    """RL objectives (ppo, rs) instead of build: no dataset, (run, base, config) -> (a batch source that
+    samples with the engine, loss_fn, evaluate) (corral.posttrain.rl_run)."""
 
 
 def _sft(run: Run, data: Dataset, config: FinetuneConfig):
@@ -215,12 +219,32 @@ def _same(model: nn.Module) -> nn.Module:
     return model
 
 
+def _actor_critic(model: nn.Module) -> nn.Module:
+    from corral.posttrain.ppo import ActorCritic
+
+    return ActorCritic(model)
+
+
+def _ppo(run: Run, base: Base, config: FinetuneConfig):
+    from corral.posttrain.rl_run import ppo_objective
+
+    return ppo_objective(run, base, config)
+
+
+def _rs(run: Run, base: Base, config: FinetuneConfig):
+    from corral.posttrain.rl_run import rs_objective
+
+    return rs_objective(run, base, config)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "sft": Objective(pairs=False, wrap=_same, build=_sft),
     "rm": Objective(pairs=True, wrap=_reward_model, build=_rm),
     "dpo": Objective(pairs=True, wrap=_same, build=_dpo),
+    "ppo": Objective(pairs=False, wrap=_actor_critic, build=None, sample=_ppo),
+    "rs": Objective(pairs=False, wrap=_same, build=None, sample=_rs),
 }
-"""objective name -> Objective; "ppo" and "rs" (corral.posttrain.ppo, .rejection) join this table."""
+"""objective name -> Objective."""
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -245,7 +269,8 @@ def setup_finetune(config: FinetuneConfig) -> tuple[Run, Base, Dataset, Objectiv
     procs = start_processes(config)
     seed_everything(config.train.seed)
     base = load_base(config.model.source, config.model.chat_template, procs.device)
-    data = load_dataset(config.data, base.chat_format, pairs=objective.pairs)
+    # RL objectives read prompts, not a chat dataset (corral.posttrain.rl_run)
+    data = Dataset([], []) if objective.sample else load_dataset(config.data, base.chat_format, pairs=objective.pairs)
     if config.lora.enabled:
         apply_finetune_lora(base.model, config.lora)
     else:
@@ -268,8 +293,11 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
 
     started = time.perf_counter()
     run, base, data, objective = setup_finetune(config)
-    loss_fn, evaluate = objective.build(run, data, config)
-    pad_id = base.tokenizer.eos_id or 0
+    if objective.sample is not None:
+        source, loss_fn, evaluate = objective.sample(run, base, config)
+    else:
+        loss_fn, evaluate = objective.build(run, data, config)
+        source = IterableSource(_batches(objective, data, config, base.tokenizer.eos_id or 0))
     eval_log = EvalLog(Path(config.out_dir), enabled=run.rank == 0, tensorboard=config.train.tensorboard)
     before = evaluate()
     eval_log.write(int(run.scheduler.last_epoch), before)
@@ -279,8 +307,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         eval_log.write(int(run.scheduler.last_epoch), metrics)
         return metrics.get("val_loss")
 
-    result = train_loop(run, IterableSource(_batches(objective, data, config, pad_id)), loss_fn,
-                        evaluate=evaluate_and_log, name=f"finetune:{config.objective}")
+    result = train_loop(run, source, loss_fn, evaluate=evaluate_and_log, name=f"finetune:{config.objective}")
     eval_log.close()
     after = eval_log.last
     plot = plot_metrics(result.metrics_path, Path(config.out_dir) / "metrics.png") if run.rank == 0 else None

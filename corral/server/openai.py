@@ -120,6 +120,28 @@ def logprob_entry(tokenizer, choice) -> dict:
     return {**item(choice.token, choice.logprob), "top_logprobs": [item(t, lp) for t, lp in (choice.top or [])]}
 
 
+def prompt_logprobs(llm, ids: list[int], top: int) -> list[dict]:
+    """Entries for an echoed prompt: each token's log p given the tokens before it (None for the first)."""
+    import torch
+
+    with torch.inference_mode():
+        logp = llm.model(torch.tensor([ids]))[0].float().log_softmax(-1)  # (T, vocab): row t predicts token t+1
+    entries = [{"token": llm.tokenizer.decode_bytes([ids[0]]).decode("utf-8", "replace"), "logprob": None,
+                "top_logprobs": []}]
+    for t in range(1, len(ids)):
+        best = logp[t - 1].topk(top) if top else None
+        alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+        entries.append(logprob_entry(llm.tokenizer, _Scored(ids[t], logp[t - 1, ids[t]].item(), alternatives)))
+    return entries
+
+
+@dataclass
+class _Scored:
+    token: int
+    logprob: float
+    top: list
+
+
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -194,7 +216,8 @@ def chat_choice(gen: Generation, plan: ChatPlan, i: int) -> dict:
             finish = "tool_calls"
     tokenizer = gen.model.llm.tokenizer
     return {"index": i, "message": message, "finish_reason": finish,
-            "logprobs": {"content": [logprob_entry(tokenizer, c) for c in s.choices]} if gen.logprobs else None}
+            "logprobs": {"content": [logprob_entry(tokenizer, c) for c in s.choices]} if gen.logprobs else None,
+            **gen.extras(i)}
 
 
 async def chat_stream(gen: Generation, plan: ChatPlan, name: str, include_usage: bool) -> AsyncIterator[str]:
@@ -203,7 +226,9 @@ async def chat_stream(gen: Generation, plan: ChatPlan, name: str, include_usage:
 
     def chunk(i: int, delta: dict, finish: str | None = None, choice=None) -> str:
         lp = {"content": [logprob_entry(tokenizer, choice)] if choice is not None else []} if gen.logprobs else None
-        return sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+        extras = gen.extras(i) if finish is not None else {}  # filters' reports ride on the last chunk
+        return sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish,
+                                         **extras}]})
 
     holds = [toolcalls.CallFilter(plan.forced) for _ in gen.samples] if plan.tools else None
     for i in range(len(gen.samples)):
@@ -291,10 +316,14 @@ async def completions(request: Request):
                                 "text/event-stream", SSE_HEADERS)
     await asyncio.gather(*(g.wait(request) for g in gens))
     tokenizer = model.llm.tokenizer
+    # echo + logprobs: the prompt's own tokens are scored too (what log-likelihood evaluation asks for)
+    echoed = [await asyncio.to_thread(prompt_logprobs, model.llm, i, req.sampling.logprobs)
+              if req.echo and gens[0].logprobs else [] for i in ids]
     choices = [{"index": k * len(g.samples) + i, "text": echo + s.text, "finish_reason": s.finish,
-                "logprobs": legacy_logprobs([logprob_entry(tokenizer, c) for c in s.choices], len(echo))
-                if g.logprobs else None}
-               for k, (g, echo) in enumerate(zip(gens, echoes)) for i, s in enumerate(g.samples)]
+                "logprobs": legacy_logprobs(prompt + [logprob_entry(tokenizer, c) for c in s.choices],
+                                            len(echo) if not prompt else 0)
+                if g.logprobs else None, **g.extras(i)}
+               for k, (g, echo, prompt) in enumerate(zip(gens, echoes, echoed)) for i, s in enumerate(g.samples)]
     return {"id": f"cmpl-{gens[0].id}", "object": "text_completion", "created": gens[0].created, "model": name,
             "choices": choices, "usage": batch_usage(gens)}
 
@@ -315,7 +344,9 @@ async def completion_stream(gens: list[Generation], name: str, echoes: list[str]
         entries = [logprob_entry(tokenizer, choice)] if choice is not None else []
         lp = legacy_logprobs(entries, offsets[i]) if gens[0].logprobs else None
         offsets[i] += len(text)
-        return sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
+        extras = gens[i // n].extras(i % n) if finish is not None else {}
+        return sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish,
+                                         **extras}]})
 
     for k, echo in enumerate(echoes):
         for i in range(n if echo else 0):

@@ -16,7 +16,7 @@ written in the mix directly, with their tokenizer.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +34,22 @@ _WRITER_KEYS = {"general.architecture", "general.alignment", "general.file_type"
 
 
 def convert_checkpoint(source: Path, dest: Path, fmt: str, qtype: str = "F32",
-                       step: Callable[[str], None] | None = None) -> list[str]:
-    """Write `source` (any format Corral loads) as `fmt` at `dest`; returns notes for the user."""
+                       step: Callable[[str], None] | None = None, adapters: Sequence[Path] = ()) -> list[str]:
+    """Write `source` (any format Corral loads) as `fmt` at `dest`; returns notes for the user.
+
+    `adapters` (PEFT directories or GGUF LoRA files) are merged into the weights first, in order.
+    """
     import torch
 
+    from corral.checkpoint.adapter import load_adapter, merge_adapter_weights
     from corral.checkpoint.export import export_checkpoint
     from corral.checkpoint.load import load_checkpoint
 
     if step:
         step("reading")
     ckpt = load_checkpoint(source, dtype=torch.float32)
+    for path in adapters:
+        ckpt.state_dict = merge_adapter_weights(ckpt.state_dict, load_adapter(path, ckpt.config))
     if step:
         step("writing")
     notes: list[str] = []

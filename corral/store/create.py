@@ -135,12 +135,29 @@ def _extra_layers(store: Store, mf: Modelfile, base_params: dict, base_dir: Path
     if mf.messages:
         layers.append(_text_layer(store, mt.MESSAGES, json.dumps(mf.messages)))
     layers += [_text_layer(store, mt.LICENSE, text) for text in mf.licenses]
-    for adapter in mf.adapters:
-        path = base_dir / Path(adapter).expanduser()
-        if not path.is_file():
-            raise ModelNotFoundError(f"ADAPTER {adapter!r}: no such file")
-        layers.append(_add_file(store, path, mt.ADAPTER, progress))
     return layers
+
+
+def _adapter_layer(store: Store, source: str, base: Path, base_dir: Path,
+                   progress: ProgressFactory | None) -> Descriptor:
+    """One ADAPTER: checked tensor by tensor against the base model, stored as a GGUF LoRA blob.
+
+    A llama.cpp GGUF LoRA file is stored as it is; a PEFT directory is converted to one first, as Ollama
+    converts a safetensors adapter, so every stored adapter is one file that llama.cpp can also load.
+    """
+    from corral.checkpoint.adapter import load_adapter
+    from corral.checkpoint.gguf_lora import export_gguf_adapter
+    from corral.checkpoint.load import load_checkpoint
+    from corral.store.scratch import scratch_dir
+
+    path = base_dir / Path(source).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"ADAPTER {source!r}: no such file or directory")
+    adapter = load_adapter(path, load_checkpoint(base, weights=False).config)
+    if adapter.format == "gguf":
+        return _add_file(store, path, mt.ADAPTER, progress)
+    with scratch_dir(store.models, "create") as tmp:
+        return _add_file(store, export_gguf_adapter(adapter, tmp / "adapter.gguf"), mt.ADAPTER, progress)
 
 
 def create_model(store: Store, name: str, mf: Modelfile, base_dir: Path = Path("."),
@@ -152,6 +169,7 @@ def create_model(store: Store, name: str, mf: Modelfile, base_dir: Path = Path("
         if path is not None:
             layers, config = _from_path(store, path, progress)
             base_params: dict = {}
+            base_path = gguf_file(path) if detect_format(path) == "gguf" else path
         else:
             info = store.info(base)
             keep = {mt.MODEL, mt.MODEL_FILE, mt.ADAPTER}
@@ -160,9 +178,11 @@ def create_model(store: Store, name: str, mf: Modelfile, base_dir: Path = Path("
             keep |= {mt.LICENSE} if not mf.licenses else set()
             layers = [d for d in info.manifest.layers if d.media_type in keep]
             config, base_params = dict(info.config), info.parameters
+            base_path = store.model_path(base) if mf.adapters else None
         if quant is not None:
             config["quant"] = quant
         layers += _extra_layers(store, mf, base_params, base_dir, progress)
+        layers += [_adapter_layer(store, a, base_path, base_dir, progress) for a in mf.adapters]
         config["rootfs"] = {"type": "layers", "diff_ids": [d.digest for d in layers]}
         check_layers(layers)
         config_digest, config_size = store.blobs.add_bytes(json.dumps(config, indent=2).encode())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from corral.errors import CorralError
 from corral.store.create import create_model
 from corral.store.modelfile import Modelfile
 from corral.store.names import parse_name
@@ -45,9 +44,9 @@ def load_stored(store: Store, name: str, *, quant: str | None = None, **load_kwa
     from corral.tokenizer.template import template_chat_format
 
     info = store.info(name)
-    if info.adapters:
-        raise CorralError(f"{name} has an ADAPTER layer; applying LoRA adapters at load is not supported yet")
-    llm = load(store.model_path(name), quant=info.config.get("quant") or quant, **load_kwargs)
+    # ADAPTER layers (GGUF LoRA blobs) are stacked at load: merged into float weights, LoRA layers over blocks.
+    llm = load(store.model_path(name), quant=info.config.get("quant") or quant, adapters=info.adapters,
+               **load_kwargs)
     llm.name = str(info.name)
     if info.template:  # a stored TEMPLATE (Jinja) replaces the model's own chat format
         llm.chat_format = template_chat_format(info.template, llm.tokenizer, stop_ids=llm.stop_ids)

@@ -1,8 +1,6 @@
 """`corral.store.load`: the one way `corral run`, `corral chat` and the server open a stored model."""
 
-import pytest
 
-from corral.errors import CorralError
 from corral.model.quant import Int8Linear
 from corral.store import Modelfile, create_model
 from corral.store.load import DEFAULT_NAME, ensure_default, is_default, load_stored
@@ -30,13 +28,6 @@ def test_a_stored_quant_wins_over_the_callers_and_the_callers_applies_otherwise(
     assert not isinstance(plain.model.layers[0].attention.wq, Int8Linear)
     assert isinstance(asked.model.layers[0].attention.wq, Int8Linear)
     assert isinstance(stored.model.layers[0].attention.wq, Int8Linear)
-
-
-def test_a_stored_adapter_is_refused_by_name(store, models, tmp_path):
-    (tmp_path / "lora.safetensors").write_bytes(b"adapter bytes")
-    create_model(store, "lora", Modelfile(from_=str(models["gguf"]), adapters=["lora.safetensors"]), base_dir=tmp_path)
-    with pytest.raises(CorralError, match="lora:latest has an ADAPTER layer|lora has an ADAPTER layer"):
-        load_stored(store, "lora")
 
 
 def test_ensure_default_registers_the_embedded_model_once(store, capsys):
