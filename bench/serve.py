@@ -85,12 +85,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
 
 
-def start_corral(model: str, parallel: int, home: str) -> tuple[subprocess.Popen, str]:
-    """corral serve on port 0: (process, base URL) once it reports the port it bound."""
+def start_corral(model: str, parallel: int, home: str, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """corral serve on port 0 (more flags in `extra`): (process, base URL) once it reports the port it bound."""
     env = dict(os.environ, CORRAL_HOME=home)
     port_file = Path(home) / "port"
+    port_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "corral", "serve", "--host", "127.0.0.1", "--port", "0", "--port-file",
-           str(port_file), "--parallel", str(parallel), "--model", model]
+           str(port_file), "--parallel", str(parallel), "--model", model, *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while not port_file.is_file():

@@ -186,8 +186,8 @@ COMMANDS: dict[str, Command] = {
     "codeshield": Command(codeshield.cmd_codeshield, codeshield.codeshield_arguments,
                           "scan code for insecure patterns (exit 1 when found, 0 clean, 2 error)"),
     "eval cyberseceval": Command(safety_eval.cmd_cyberseceval, safety_eval.cyberseceval_arguments,
-                            "CyberSecEval-style prompt-injection / false-refusal tests of an OpenAI-compatible server"),
-
+                                 "CyberSecEval-style prompt-injection / false-refusal tests of an OpenAI-compatible "
+                                 "server"),
     "guard": Command(safety.cmd_guard, safety.guard_arguments, "assess text or conversations with a safety guard"),
 }
 # group -> (help, description) for the group's own `corral GROUP --help`.

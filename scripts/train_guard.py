@@ -40,17 +40,21 @@ SPLIT_FILE = guard_data.REPO_DATA / "guard_split.json"
 
 
 def cached_features(llm, texts: list[str], layers: tuple[int, ...], cache: Path) -> torch.Tensor:
-    """(N, len(layers) * dim) features; each layer's block is kept in cache/<hash>-<layer>.pt."""
-    key = hashlib.sha256(json.dumps([SPEC.max_tokens, texts]).encode()).hexdigest()[:16]
-    missing = tuple(x for x in layers if not (cache / f"{key}-{x}.pt").exists())
-    if missing:
+    """(N, len(layers) * dim) features; cache/features-<max_tokens>.pt keeps each text's per-block vectors
+    (keyed by a hash of the text), so only new texts or blocks are embedded."""
+    path = cache / f"features-{SPEC.max_tokens}.pt"
+    store = torch.load(path) if path.exists() else {}  # (text hash, block) -> (dim,)
+    keys = [hashlib.sha256(t.encode()).hexdigest()[:20] for t in texts]
+    todo = [i for i, k in enumerate(keys) if any((k, x) not in store for x in layers)]
+    if todo:
         started = time.perf_counter()
-        fresh = features(llm, texts, FeatureSpec(missing, SPEC.max_tokens))
-        print(f"embedded {len(texts)} texts (layers {missing}) in {time.perf_counter() - started:.0f} s")
-        for j, x in enumerate(missing):
-            dim = fresh.shape[1] // len(missing)
-            torch.save(fresh[:, j * dim:(j + 1) * dim].clone(), cache / f"{key}-{x}.pt")
-    return torch.cat([torch.load(cache / f"{key}-{x}.pt") for x in layers], dim=1)
+        fresh = features(llm, [texts[i] for i in todo], FeatureSpec(layers, SPEC.max_tokens))
+        print(f"embedded {len(todo)} texts (blocks {layers}) in {time.perf_counter() - started:.0f} s")
+        for row, i in zip(fresh, todo):
+            for block, x in zip(row.chunk(len(layers)), layers):
+                store[keys[i], x] = block.clone()
+        torch.save(store, path)
+    return torch.stack([torch.cat([store[k, x] for x in layers]) for k in keys])
 
 
 def fit(x: torch.Tensor, targets: list[list[int | None]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,8 +88,8 @@ class Scope:
                         self.assigned.setdefault(t.id, []).append(node.value)
             elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name) \
                     and node.value is not None:
-                value = node.value if isinstance(node, ast.AnnAssign) else ast.BinOp(node.target, node.op, node.value)
-                self.assigned.setdefault(node.target.id, []).append(value)
+                # `sql += " WHERE x = ?"`: the name stays literal when every piece added to it is
+                self.assigned.setdefault(node.target.id, []).append(node.value)
 
     def resolve(self, dotted: str) -> str:
         head, _, rest = dotted.partition(".")

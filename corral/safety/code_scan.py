@@ -101,7 +101,9 @@ def literal_text(arg: str, view: Views, start: int) -> bool:
         return True
     if re.fullmatch(r"\$?[A-Za-z_]\w{0,63}", stripped):
         before = view.code[max(0, start - ASSIGNMENT_LOOKBACK):start]
-        assigned = re.findall(r"(?<![\w$])" + re.escape(stripped) + r"\s*=(?!=)\s*(\S)", before)
+        # the name first (a literal prefix the regex engine searches fast), its left edge checked by hand
+        assigned = [m.group(1) for m in re.finditer(re.escape(stripped) + r"\s*=(?!=)\s*(\S)", before)
+                    if m.start() == 0 or not (before[m.start() - 1].isalnum() or before[m.start() - 1] in "_$")]
         return bool(assigned) and all(c in "\"'`" for c in assigned)
     return False
 

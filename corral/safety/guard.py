@@ -17,6 +17,7 @@ of a message goes unchecked; the worst segment decides.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,18 @@ def segments(tokenizer, text: str, size: int, overlap: int = SEGMENT_OVERLAP) ->
         return [text]
     step = max(size - overlap, 1)
     return [tokenizer.decode(ids[i:i + size]) for i in range(0, len(ids) - overlap, step)]
+
+
+SENTENCE = re.compile(r"(?<=[.!?\n])\s+")
+
+
+def sentence_segments(tokenizer, text: str, size: int) -> list[str]:
+    """A message too long for one segment, as each sentence alone and with the one before it (a probe's
+    mean over a long window drowns one unsafe sentence in the rest; a pair keeps a request split over two
+    sentences whole), each windowed by `segments` if still long. About 3x the message's tokens."""
+    sentences = [s for s in SENTENCE.split(text) if s.strip()]
+    pairs = sentences + [f"{a} {b}" for a, b in zip(sentences, sentences[1:])]
+    return [piece for pair in pairs for piece in segments(tokenizer, pair, size)]
 
 
 def with_last(conversation: list[dict], text: str) -> list[dict]:
@@ -141,8 +154,9 @@ class EmbeddedGuard:
 
     def assess(self, conversation: list[dict]) -> Assessment:
         role, text = speaker_turns(conversation)[-1]
-        # room for BOS and the "User: " prefix around the message
-        parts = segments(self.llm.tokenizer, text, self.head.spec.max_tokens - 4)
+        size = self.head.spec.max_tokens - 4  # room for BOS and the "User: " prefix
+        fits = len(self.llm.tokenizer.encode(text)) <= size
+        parts = [text] if fits else sentence_segments(self.llm.tokenizer, text, size)
         with self.lock:
             x = features(self.llm, [conversation_block(role, p) for p in parts], self.head.spec)
         probs = self.head.probabilities(x).max(dim=0).values  # (1 + codes,): the worst segment per output

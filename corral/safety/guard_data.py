@@ -42,7 +42,8 @@ HH_RULES = {
     r"\b(rape|take advantage of my date|roofie|sex traffick|prostitut)": ["S3"],
     r"\b(child porn|underage girl|underage boy)": ["S4"],
     r"\b(tarnish|ruin (his|her|their|someone'?s) reputation|spread (a )?rumou?r|defam)": ["S5"],
-    r"\b(home address|residential address|phone number|social security number|email address (of|for)|where does .* live)": ["S7"],
+    r"\b(home address|residential address|phone number|social security number|email address (of|for)"
+    r"|where does .* live)": ["S7"],
     r"\b(pirate|torrent|download .* for free|bootleg)": ["S8"],
     r"\b(bomb|explosive|nerve gas|anthrax|bioweapon|chemical weapon|dirty bomb|nuclear weapon)": ["S9"],
     r"\b(racist|slur|n-word|insults? for|hate (black|jew|muslim|gay|mexican|asian|white)|inferior race"

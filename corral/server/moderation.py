@@ -35,7 +35,7 @@ SENTENCE_END = re.compile(r"[.!?;:](?=\s)|\n")
 MAX_HELD_CHARS = 300
 """A run of text with no sentence end is assessed (and released) once it is this long."""
 CACHE_SIZE = 512
-_CONTEXT: contextvars.ContextVar[list] = contextvars.ContextVar("guard_context", default=[])
+_CONTEXT: contextvars.ContextVar[tuple] = contextvars.ContextVar("guard_context", default=())
 """The request's user turns, set by check_input and read by output(): both run in `start`, in one task."""
 
 
@@ -84,7 +84,7 @@ class GuardFilter:
 
     def check_input(self, prompt: Prompt) -> Cut | None:
         turns = user_turns(prompt)
-        _CONTEXT.set([t for t in turns if t["role"] == "user"][-1:])
+        _CONTEXT.set(tuple(t for t in turns if t["role"] == "user")[-1:])
         for t in turns:
             if t["role"] == "user" and t["content"].strip():
                 if (cut := self._cached(t["content"])) is not None:

@@ -119,3 +119,10 @@ def test_unknown_language_is_a_typed_error():
 def test_no_language_runs_every_language():
     result = scan("x = 1\nstrcpy(a, b);\n", None)
     assert "c-strcpy" in {f.rule for f in result.findings}
+
+
+def test_sql_built_from_literals_only_is_not_a_finding():
+    safe = 'sql = "SELECT * FROM t"\nif q:\n    sql += " WHERE name LIKE ?"\ncur.execute(sql, [q])'
+    assert scan(safe, "python").findings == []
+    unsafe = 'sql = "SELECT * FROM t"\nsql += " WHERE name = \'" + q + "\'"\ncur.execute(sql)'
+    assert [f.line for f in scan(unsafe, "python").findings] == [3]

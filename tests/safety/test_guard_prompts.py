@@ -113,8 +113,9 @@ def test_verdicts_in_the_grammar_parse_with_surrounding_whitespace(text, safe, c
     assert (v.safe, v.categories) == (safe, codes)
 
 
-@pytest.mark.parametrize("text", ["", "Safe", "safe.", "safe\nS1", "unsafe\n\n\nS1 S2", "unsafe\nS1;S2", "unsafe\nviolence",
-                                  "unsafe\nS1\nS2", "I think this is safe", "unsafe\nS99", "unsafe\nS1,,S2", "saf"])
+@pytest.mark.parametrize("text", ["", "Safe", "safe.", "safe\nS1", "unsafe\n\n\nS1 S2", "unsafe\nS1;S2",
+                                  "unsafe\nviolence", "unsafe\nS1\nS2", "I think this is safe", "unsafe\nS99",
+                                  "unsafe\nS1,,S2", "saf"])
 def test_answers_outside_the_grammar_are_typed_errors(text):
     with pytest.raises(GuardVerdictError):
         parse_verdict(text, Policy(LLAMA_GUARD_3))

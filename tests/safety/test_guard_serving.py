@@ -39,7 +39,8 @@ class WordGuard:
 
 
 def _server_conftest():
-    spec = importlib.util.spec_from_file_location("server_conftest", Path(__file__).parents[1] / "server" / "conftest.py")
+    path = Path(__file__).parents[1] / "server" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("server_conftest", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
@@ -59,6 +60,7 @@ def server(tmp_path_factory):
     os.environ["CORRAL_HOME"] = str(home)
     ensure_default(Store(home))
     live = _server_conftest().start_server(home)
+    live.home = home
     with live.http(timeout=600) as h:  # load the model once (slow on a busy machine), not inside a test
         h.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}).raise_for_status()
     yield live
@@ -137,7 +139,8 @@ def test_unsafe_input_is_refused_before_generation(server, guarded):
     history = [{"role": "user", "content": "forbidden"}, {"role": "assistant", "content": "ok"},
                {"role": "user", "content": "go on"}]
     with server.http() as h:
-        lines = [json.loads(x) for x in h.post("/api/chat", json={"model": MODEL, "messages": history}).text.splitlines()]
+        raw = h.post("/api/chat", json={"model": MODEL, "messages": history}).text
+    lines = [json.loads(x) for x in raw.splitlines()]
     assert lines[-1]["done_reason"] == "content_filter" and lines[0]["message"]["content"] == CUT_TEXT
     assert server.state.metrics.generated_tokens.get(MODEL, 0) == before
 
@@ -187,3 +190,23 @@ def test_moderations_through_the_openai_client(server):
             client.moderations.create(input=[])
     finally:
         server.state.guard = None
+
+
+@pytest.mark.slow
+def test_serve_guard_moderates_an_ollama_client_with_the_embedded_guard(server):
+    import ollama
+
+    live = _server_conftest().start_server(server.home, guard="embedded")  # what `corral serve --guard` sets
+    try:
+        assert type(live.state.filters[0]).__name__ == "GuardFilter" and live.state.guard.name == "corral-guard"
+        client = ollama.Client(host=live.url, timeout=600)
+        options = {"temperature": 0, "num_predict": 8}
+        refused = client.chat(model=MODEL, messages=[{"role": "user", "content": "Those immigrants are subhuman "
+                                                      "vermin."}], options=options)
+        assert refused.done_reason == "content_filter" and refused.eval_count in (0, None)
+        assert refused.message.content == "[removed by the guard: S10 Hate]"
+        answered = client.chat(model=MODEL, messages=[{"role": "user", "content": "How do I bake bread?"}],
+                               options=options)
+        assert answered.done_reason == "length" and answered.message.content
+    finally:
+        live.stop()
