@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from corral import repl
 from corral.bench import harness as bench
 from corral.errors import CorralError, FormatError
+from corral.eval import commands as evaluation
 from corral.posttrain import commands as posttrain
 from corral.server import commands as server
 from corral.store import commands as store
@@ -139,7 +140,8 @@ COMMANDS: dict[str, Command] = {
     "convert": Command(store.cmd_convert, store.convert_arguments, "write a model in another checkpoint format"),
     "quantize": Command(store.cmd_quantize, store.quantize_arguments,
                         "quantize a model: GGUF Q4_K_M/Q5_K_M/Q6_K/Q8_0/Q4_0, or runtime int8/int4"),
-    "pretrain": Command(train.cmd_pretrain, train.pretrain_arguments, "pretrain a Llama 3 model from a TOML config"),
+    "pretrain": Command(evaluation.cmd_pretrain, evaluation.pretrain_arguments,
+                        "pretrain a Llama 3 model from a TOML config (--eval-tasks: benchmarks as it trains)"),
     "finetune": Command(posttrain.cmd_finetune, posttrain.finetune_arguments,
                         "fine-tune a model (SFT, reward model, DPO) from a TOML config"),
     "export": Command(train.cmd_export, train.export_arguments, "export a trained checkpoint as hf, meta or gguf"),
@@ -149,11 +151,21 @@ COMMANDS: dict[str, Command] = {
                              "train the held-out target and report the prediction error"),
     "bench": Command(bench.cmd_bench, bench.add_arguments, "benchmark Corral against llama.cpp and transformers"),
     "serve": Command(server.cmd_serve, server.serve_arguments, "run the OpenAI/Ollama-compatible HTTP server"),
+    "eval run": Command(evaluation.cmd_eval, evaluation.eval_arguments,
+                        "score a model on benchmark tasks (also `corral eval MODEL --tasks ...`)"),
+    "eval compare": Command(evaluation.cmd_compare, evaluation.compare_arguments,
+                            "compare results JSON files: a table and a bar plot"),
+    "eval contamination": Command(evaluation.cmd_contamination, evaluation.contamination_arguments,
+                                  "13-gram overlap between training data and each task's data"),
 }
 # group -> (help, description) for the group's own `corral GROUP --help`.
 GROUPS = {
     "scaling": ("scaling laws: sweep small models, fit L(N, D), check a larger run", scaling.__doc__.splitlines()[0]),
+    "eval": ("evaluate models: benchmark tasks, comparisons, contamination",
+             evaluation.__doc__.splitlines()[0] + " `corral eval MODEL ...` is `corral eval run MODEL ...`."),
 }
+# group -> the step `corral GROUP ...` runs when the next word names none of its steps.
+DEFAULT_STEPS = {"eval": "run"}
 
 
 def _add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -201,9 +213,21 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())  # one line, whatever the message held
 
 
+def _with_default_step(argv: list[str]) -> list[str]:
+    """`corral eval MODEL --tasks x` -> `corral eval run MODEL --tasks x` (DEFAULT_STEPS)."""
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), None)
+    if at is None or argv[at] not in DEFAULT_STEPS:
+        return argv
+    steps = {name.split(" ")[1] for name in COMMANDS if name.startswith(argv[at] + " ")}
+    following = argv[at + 1] if at + 1 < len(argv) else None
+    if following in steps or following in ("-h", "--help"):
+        return argv
+    return argv[:at + 1] + [DEFAULT_STEPS[argv[at]]] + argv[at + 1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_with_default_step(list(sys.argv[1:] if argv is None else argv)))
     if args.command == "generate":
         words = args.model_or_prompt
         if len(words) > 2:

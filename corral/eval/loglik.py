@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from corral.engine.kv_cache import KVCache, cache_dtype
+from corral.errors import CorralError
+from corral.eval.generation import GenRequest, generate_local
 from corral.train.loss import linear_logprobs, output_weight
 
 Tokens = list[int]
@@ -65,9 +67,21 @@ class LocalModel:
         self._weight: torch.Tensor | None = None
         self._kept = _Prefix([])
 
+        self.llm = None
+        """The corral.LLM whose engine runs generation tasks (set by from_llm)."""
+
     @classmethod
     def from_llm(cls, llm, **kwargs) -> LocalModel:
-        return cls(llm.model, llm.tokenizer, add_bos=llm.add_bos, name=llm.name, **kwargs)
+        backend = cls(llm.model, llm.tokenizer, add_bos=llm.add_bos, name=llm.name, **kwargs)
+        backend.llm = llm
+        return backend
+
+    def generate(self, requests: Sequence[GenRequest], progress: Callable[[int], None] | None = None
+                 ) -> list[list[str]]:
+        """Completions of each GenRequest through the engine (batched; see generation.py)."""
+        if self.llm is None:
+            raise CorralError("generation tasks need a model loaded with LocalModel.from_llm")
+        return generate_local(self.llm, requests, progress=progress)
 
     # ---- tokenizing the lm-eval way ----------------------------------------------------------------
 

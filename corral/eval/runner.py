@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.errors import CorralError
-from corral.eval import metrics, tasks
+from corral.eval import gentasks, metrics, tasks
 from corral.eval.tasks import Doc, Task
 
 Progress = Callable[[int], None]
@@ -33,6 +32,8 @@ class EvalSettings:
     """Where the task files are (None: CORRAL_EVAL_DATA or the repository's data/eval)."""
     text: str | None = None
     """The perplexity task's text file (default: the held-out corpus file)."""
+    samples: int = 1
+    """Generation tasks: completions per prompt (1 = greedy; n > 1 samples at T=0.8 for pass@k, k <= n)."""
 
 
 @dataclass
@@ -65,15 +66,17 @@ def _docs(task: Task, settings: EvalSettings) -> list[Doc]:
     return docs[: settings.limit] if settings.limit else docs
 
 
-def _contexts(task: Task, docs: list[Doc], settings: EvalSettings) -> list[list[tuple[str, str]]]:
-    """Each example's (context, continuation) pairs, few-shot prefix included."""
+def _prefixes(task: Task, docs: list[Doc], settings: EvalSettings) -> list[str]:
+    """Each example's few-shot prefix (empty at 0 shots)."""
     k = _shots(task, settings)
     pool = tasks.load_docs(task, settings.data_dir, source=task.fewshot) if k and task.fewshot else docs
-    out = []
-    for i, doc in enumerate(docs):
-        prefix = tasks.fewshot_prefix(doc, tasks.fewshot_examples(task, docs, pool, i, k, settings.seed))
-        out.append(tasks.requests(task, doc, prefix))
-    return out
+    return [tasks.fewshot_prefix(doc, tasks.fewshot_examples(task, docs, pool, i, k, settings.seed))
+            for i, doc in enumerate(docs)]
+
+
+def _contexts(task: Task, docs: list[Doc], settings: EvalSettings) -> list[list[tuple[str, str]]]:
+    """Each example's (context, continuation) pairs, few-shot prefix included."""
+    return [tasks.requests(task, doc, prefix) for doc, prefix in zip(docs, _prefixes(task, docs, settings))]
 
 
 def _score_all(backend, per_doc: list[list[tuple[str, str]]], progress: Progress | None) -> list[list[float]]:
@@ -120,7 +123,14 @@ def run_perplexity(task: Task, backend, settings: EvalSettings, progress: Progre
 
 
 def run_generation(task: Task, backend, settings: EvalSettings, progress: Progress | None) -> list[Row]:
-    raise CorralError(f"task {task.name!r} is a generation task; its scorer is not part of this build")
+    """Prompts (few-shot prefix + query) -> backend.generate -> the task's scorer (gentasks.py)."""
+    docs = _docs(task, settings)
+    prompts = [prefix + doc.query for doc, prefix in zip(docs, _prefixes(task, docs, settings))]
+    values, _ = gentasks.run_generation(task.name, prompts, [d.row for d in docs],
+                                        lambda requests: backend.generate(requests, progress),
+                                        samples=settings.samples, seed=settings.seed)
+    return [Row(task.name, m, v, values.get(f"{m}_stderr", 0.0), len(docs))
+            for m, v in values.items() if not m.endswith("_stderr")]
 
 
 KIND_RUNNERS: dict[str, Callable[[Task, Any, EvalSettings, Progress | None], list[Row]]] = {

@@ -181,7 +181,8 @@ def truthfulqa_mc2_doc(row: dict) -> Doc:
 
 
 def gsm8k_doc(row: dict) -> Doc:
-    return Doc("Question: " + _get(row, "question", str) + "\nAnswer:", target=" " + _get(row, "answer", str), row=row)
+    # The few-shot prefix puts " " between query and target: "Question: ...\nAnswer: <reasoning>\n#### N".
+    return Doc("Question: " + _get(row, "question", str) + "\nAnswer:", target=_get(row, "answer", str), row=row)
 
 
 def humaneval_doc(row: dict) -> Doc:
@@ -219,8 +220,8 @@ TASKS: dict[str, Task] = {
                  fewshot="mmlu/mmlu_fewshot_dev.jsonl", fewshot_same_group=True),
     "truthfulqa_mc1": Task("truthfulqa_mc1", "choice", "truthfulqa/truthfulqa_dev.jsonl", "truthfulqa_mc1", ("acc",)),
     "truthfulqa_mc2": Task("truthfulqa_mc2", "mc2", "truthfulqa/truthfulqa_dev.jsonl", "truthfulqa_mc2", ("acc",)),
-    "gsm8k": Task("gsm8k", "generation", "gsm8k/gsm8k_test_dev.jsonl", "gsm8k", ("exact_match",), shots=8,
-                  fewshot="gsm8k/gsm8k_train_fewshot.jsonl"),
+    "gsm8k": Task("gsm8k", "generation", "gsm8k/gsm8k_test_dev.jsonl", "gsm8k",
+                  ("exact_match_strict", "exact_match_flexible"), shots=8, fewshot="gsm8k/gsm8k_train_fewshot.jsonl"),
     "humaneval": Task("humaneval", "generation", "humaneval/humaneval_dev.jsonl", "humaneval", ("pass@1",)),
     "perplexity": Task("perplexity", "perplexity", "../corpus/gutenberg/alice_in_wonderland.txt", "text",
                        ("word_perplexity", "byte_perplexity", "bits_per_byte")),

@@ -79,7 +79,9 @@ def _plan(x, cos, mask, cache, start_pos, layer_id):
             return None
         positions, rows, row_stride = list(range(start_pos, start_pos + T)), T, 0
     elif isinstance(start_pos, int):  # the batch-1 hot path: no tensor ops for the positions
-        positions, rows = [start_pos] * B, B
+        if B > 1:  # cos holds one row here, the C step reads one per batch row: rows past 0 read garbage
+            return None
+        positions, rows = [start_pos], 1
     else:
         positions, rows = start_pos.to(torch.int64).tolist(), B
         if mask is not None:  # batched decode: rows writing to the scratch column are idle, skip them

@@ -25,7 +25,7 @@ from corral.train.config import (
 )
 
 OBJECTIVES = ("sft", "rm", "dpo", "ppo", "rs")
-DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "preference")
+DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "preference")
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "robust")
 REFERENCES = ("precompute", "online")
 
@@ -48,8 +48,8 @@ class FinetuneDataConfig:
     val_fraction: float = 0.0
     """Share of the training rows held out for validation when `val` is empty (taken after a seeded shuffle)."""
     format: str = "auto"
-    """"auto" (each row by its keys), "alpaca", "sharegpt", "messages" or "preference": rows of another form
-    are errors."""
+    """"auto" (each row by its keys), "alpaca", "sharegpt", "messages", "prompt_completion" or "preference":
+    rows of another form are errors."""
     max_len: int = 512
     """Tokens per rendered sample; longer samples are cut at the end (a pair's prompt is cut from the left)."""
     batch_size: int = 4

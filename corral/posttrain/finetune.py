@@ -82,6 +82,20 @@ def _is_training_run(path: Path) -> bool:
     return path.is_dir() and ((path / "meta.json").exists() or (path / "checkpoints").is_dir())
 
 
+TURN_ENDS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+"""Special tokens that end a turn in the chat formats people use (Llama 3, ChatML, Phi, Gemma)."""
+
+
+def template_format(template: str, tokenizer):
+    """A Jinja chat format that stops at end of text and at whichever turn-end tokens the vocabulary has."""
+    from corral.tokenizer.template import template_chat_format
+
+    stops = {tokenizer.special_tokens[t] for t in TURN_ENDS if t in tokenizer.special_tokens}
+    if tokenizer.eos_id is not None:
+        stops.add(tokenizer.eos_id)
+    return template_chat_format(template, tokenizer, stop_ids=stops)
+
+
 def load_base(source: str, chat_template: str, device: torch.device) -> Base:
     """The starting weights as a float32 Transformer on ``device``, its tokenizer and its chat format."""
     from corral.checkpoint.base import Checkpoint
@@ -100,9 +114,7 @@ def load_base(source: str, chat_template: str, device: torch.device) -> Base:
     tokenizer, _ = load_tokenizer_for(ckpt)
     chat_format = chat_format_for(ckpt, tokenizer)
     if chat_template:
-        from corral.tokenizer.template import template_chat_format
-
-        chat_format = template_chat_format(Path(chat_template).read_text(encoding="utf-8"), tokenizer)
+        chat_format = template_format(Path(chat_template).read_text(encoding="utf-8"), tokenizer)
     if chat_format is None:
         raise TemplateMismatchError(f"{path} carries no chat template; give one in model.chat_template")
     model = build_model(ckpt.config, {k: v.float() for k, v in ckpt.state_dict.items()}).to(device).train()
@@ -162,14 +174,17 @@ def _sft(run: Run, data: Dataset, config: FinetuneConfig):
 
 
 def _rm(run: Run, data: Dataset, config: FinetuneConfig):
-    from corral.posttrain.reward import reward_evaluate, reward_objective
+    from corral.posttrain.reward import FeatureCache, reward_evaluate, reward_objective
 
     center = config.preference.center_rewards
+    cache = FeatureCache()  # used only while the trunk has nothing to train
 
     def evaluate() -> dict[str, float]:
-        return reward_evaluate(run.model, data.val, config.data.batch_size, center, run.device) if data.val else {}
+        if not data.val:
+            return {}
+        return reward_evaluate(run.model, data.val, config.data.batch_size, center, run.device, cache)
 
-    return reward_objective(center, run.device), evaluate
+    return reward_objective(center, run.device, cache), evaluate
 
 
 def _dpo(run: Run, data: Dataset, config: FinetuneConfig):

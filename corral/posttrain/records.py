@@ -4,6 +4,7 @@ Row forms (``ROW_FORMATS``; with format "auto" each row is recognised by its key
  - Alpaca: ``{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}``;
  - ShareGPT: ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}], "system"?}``;
  - messages: ``{"messages": [{"role", "content"}]}`` (OpenAI's shape);
+ - prompt/completion: ``{"prompt", "completion"}``, each text or messages (TRL's prompt-completion rows);
  - preference: ``{"chosen", "rejected"}`` plus a prompt as ``prompt`` (text or messages), ``messages``,
    ``conversations`` or ``instruction``/``input``; chosen/rejected are text, one message or a list of
    messages. Without a prompt, chosen and rejected are whole dialogs (lists, or Anthropic HH transcripts
@@ -112,11 +113,12 @@ def detect_format(row: _Row) -> str:
     keys = row.data.keys()
     if "chosen" in keys or "rejected" in keys:
         return "preference"
-    for key, name in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
+    for key, name in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
+                      ("completion", "prompt_completion")):
         if key in keys:
             return name
     raise row.error(f"no known keys (has {', '.join(sorted(keys)) or 'none'}); expected instruction/output "
-                    "(Alpaca), conversations (ShareGPT), messages, or chosen/rejected (preference)")
+                    "(Alpaca), conversations (ShareGPT), messages, prompt/completion or chosen/rejected (preference)")
 
 
 def read_records(paths: list[str], fmt: str = "auto", *, skip_bad: bool = False,
@@ -225,6 +227,14 @@ def messages_row(row: _Row) -> ChatRecord:
     return ChatRecord(_chat(row, _messages(row, row.data.get("messages"), "messages"), "messages"), row.where)
 
 
+def prompt_completion_row(row: _Row) -> ChatRecord:
+    prompt = row.data.get("prompt")
+    if prompt is None:
+        raise row.error("is missing (a completion row needs its prompt)", "prompt")
+    dialog = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(row, prompt, "prompt")
+    return ChatRecord(_chat(row, dialog + _completion(row, "completion"), "completion"), row.where)
+
+
 def _chat(row: _Row, dialog: Dialog, field: str) -> Dialog:
     """A conversation must have an assistant turn to learn from."""
     if not any(m["role"] == "assistant" for m in dialog):
@@ -295,6 +305,7 @@ ROW_FORMATS: dict[str, Callable[[_Row], ChatRecord | PreferenceRecord]] = {
     "alpaca": alpaca_row,
     "sharegpt": sharegpt_row,
     "messages": messages_row,
+    "prompt_completion": prompt_completion_row,
     "preference": preference_row,
 }
 """Row form -> its reader (``data.format`` names one; "auto" picks by keys, see detect_format)."""

@@ -40,9 +40,7 @@ class RewardModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) right-padded, lengths (B,) -> rewards (B,) float32."""
-        h = self.trunk.hidden(tokens)  # (B, T, dim)
-        last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]  # (B, dim)
-        return self.head(last).squeeze(-1).float()
+        return self.head(_last_hidden(self, TokenBatch(tokens, tokens, lengths.to(tokens.device)))).squeeze(-1)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center: float = 0.0) -> torch.Tensor:
@@ -53,23 +51,56 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center: flo
     return loss
 
 
-def pair_rewards(model: RewardModel, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen rewards (B,), rejected rewards (B,)) of a pair batch (chosen rows first)."""
-    trunk_trains = any(p.requires_grad for p in model.trunk.parameters())
-    with torch.set_grad_enabled(torch.is_grad_enabled() and trunk_trains):
-        h = model.trunk.hidden(batch.tokens)  # (2B, T, dim); a frozen trunk keeps no activations for backward
-    last = h[torch.arange(h.shape[0], device=h.device), batch.lengths - 1]  # (2B, dim)
-    rewards = model.head(last.float()).squeeze(-1)  # (2B,)
+def _last_hidden(model: RewardModel, batch: TokenBatch) -> torch.Tensor:
+    """Final-norm hidden state (2B, dim) of each row's last real token."""
+    h = model.trunk.hidden(batch.tokens)  # (2B, T, dim)
+    return h[torch.arange(h.shape[0], device=h.device), batch.lengths - 1].float()
+
+
+class FeatureCache:
+    """Last-token features of a frozen trunk, kept per (dataset key, pair index).
+
+    A frozen trunk gives every pair the same features each epoch, so only the first visit runs it; the
+    head then trains on cached (dim,) vectors (a linear probe at the speed of a dot product).
+    """
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[int, int], torch.Tensor] = {}
+
+    def features(self, model: RewardModel, batch: TokenBatch, key: int) -> torch.Tensor:
+        index = batch.index.tolist()
+        if any((key, i) not in self.table for i in index):
+            with torch.no_grad():
+                chosen, rejected = _last_hidden(model, batch).chunk(2)  # (B, dim) each
+            for i, c, r in zip(index, chosen, rejected):
+                self.table[(key, i)] = torch.stack([c, r])  # (2, dim)
+        both = torch.stack([self.table[(key, i)] for i in index])  # (B, 2, dim)
+        return torch.cat([both[:, 0], both[:, 1]])  # (2B, dim): chosen rows, then rejected
+
+
+def pair_rewards(model: RewardModel, batch: TokenBatch, cache: FeatureCache | None = None,
+                 key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen rewards (B,), rejected rewards (B,)) of a pair batch (chosen rows first).
+
+    With a cache and a trunk that has nothing to train, the trunk runs once per pair (FeatureCache).
+    """
+    frozen = not any(p.requires_grad for p in model.trunk.parameters())
+    if frozen and cache is not None and batch.index is not None:
+        last = cache.features(model, batch, key)
+    else:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            last = _last_hidden(model, batch)  # a frozen trunk keeps no activations for backward
+    rewards = model.head(last).squeeze(-1)  # (2B,)
     chosen, rejected = rewards.chunk(2)
     return chosen, rejected
 
 
-def reward_objective(center: float, device: torch.device):
+def reward_objective(center: float, device: torch.device, cache: FeatureCache | None = None):
     """loss_fn(reward model, pair batch) for corral.train.loop.train_loop."""
 
     def loss_fn(model: RewardModel, batch: TokenBatch):
         batch = batch.to(device)
-        chosen, rejected = pair_rewards(model, batch)
+        chosen, rejected = pair_rewards(model, batch, cache, key=0)
         diff = (chosen - rejected).detach()
         return bradley_terry_loss(chosen, rejected, center), {
             "tokens": batch.n_tokens, "reward_accuracy": float((diff > 0).float().mean()),
@@ -80,14 +111,14 @@ def reward_objective(center: float, device: torch.device):
 
 
 def reward_evaluate(model: RewardModel, pairs: list[PairSample], batch_size: int, center: float,
-                    device: torch.device) -> dict[str, float]:
+                    device: torch.device, cache: FeatureCache | None = None) -> dict[str, float]:
     """Held-out pairwise loss, accuracy (reward of chosen > rejected) and mean margin."""
     was_training = model.training
     model.eval()
     chosen_all, rejected_all = [], []
     with torch.no_grad():
         for batch in pair_batches(pairs, batch_size, 0, cycle=False):
-            chosen, rejected = pair_rewards(model, batch.to(device))
+            chosen, rejected = pair_rewards(model, batch.to(device), cache, key=1)
             chosen_all.append(chosen)
             rejected_all.append(rejected)
     model.train(was_training)

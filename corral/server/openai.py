@@ -120,6 +120,28 @@ def logprob_entry(tokenizer, choice) -> dict:
     return {**item(choice.token, choice.logprob), "top_logprobs": [item(t, lp) for t, lp in (choice.top or [])]}
 
 
+def prompt_logprobs(llm, ids: list[int], top: int) -> list[dict]:
+    """Entries for an echoed prompt: each token's log p given the tokens before it (None for the first)."""
+    import torch
+
+    with torch.inference_mode():
+        logp = llm.model(torch.tensor([ids]))[0].float().log_softmax(-1)  # (T, vocab): row t predicts token t+1
+    entries = [{"token": llm.tokenizer.decode_bytes([ids[0]]).decode("utf-8", "replace"), "logprob": None,
+                "top_logprobs": []}]
+    for t in range(1, len(ids)):
+        best = logp[t - 1].topk(top) if top else None
+        alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+        entries.append(logprob_entry(llm.tokenizer, _Scored(ids[t], logp[t - 1, ids[t]].item(), alternatives)))
+    return entries
+
+
+@dataclass
+class _Scored:
+    token: int
+    logprob: float
+    top: list
+
+
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -291,10 +313,14 @@ async def completions(request: Request):
                                 "text/event-stream", SSE_HEADERS)
     await asyncio.gather(*(g.wait(request) for g in gens))
     tokenizer = model.llm.tokenizer
+    # echo + logprobs: the prompt's own tokens are scored too (what log-likelihood evaluation asks for)
+    echoed = [await asyncio.to_thread(prompt_logprobs, model.llm, i, req.sampling.logprobs)
+              if req.echo and gens[0].logprobs else [] for i in ids]
     choices = [{"index": k * len(g.samples) + i, "text": echo + s.text, "finish_reason": s.finish,
-                "logprobs": legacy_logprobs([logprob_entry(tokenizer, c) for c in s.choices], len(echo))
+                "logprobs": legacy_logprobs(prompt + [logprob_entry(tokenizer, c) for c in s.choices],
+                                            len(echo) if not prompt else 0)
                 if g.logprobs else None}
-               for k, (g, echo) in enumerate(zip(gens, echoes)) for i, s in enumerate(g.samples)]
+               for k, (g, echo, prompt) in enumerate(zip(gens, echoes, echoed)) for i, s in enumerate(g.samples)]
     return {"id": f"cmpl-{gens[0].id}", "object": "text_completion", "created": gens[0].created, "model": name,
             "choices": choices, "usage": batch_usage(gens)}
 

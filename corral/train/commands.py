@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+def cmd_pretrain(args: argparse.Namespace, on_evaluate=None) -> int:
     """Pretrain a Llama 3 model as a TOML config says; --section.key=value overrides any field."""
     from corral.train.config import load_config
     from corral.train.pretrain import run_pretrain
@@ -19,7 +19,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides, resume = _split_resume(list(args.overrides), args.resume)
     if resume is not None:
         overrides.append(f"--checkpoint.resume={json.dumps(resume)}")
-    result = run_pretrain(load_config(args.config, overrides))
+    result = run_pretrain(load_config(args.config, overrides), on_evaluate=on_evaluate)
     print(json.dumps({"steps": result.steps, "final_train_loss": result.final_train_loss,
                       "final_val_loss": result.final_val_loss, "tokens_seen": result.tokens_seen,
                       "n_params": result.n_params, "seconds": round(result.seconds, 2),

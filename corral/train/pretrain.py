@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,14 +82,24 @@ def evaluate(run: Run) -> float | None:
     return float(mean_over_world(total / n, run))
 
 
-def run_pretrain(config: PretrainConfig) -> PretrainResult:
-    """Train as the config says (resuming if asked) and return the final numbers."""
+def run_pretrain(config: PretrainConfig, *, on_evaluate: Callable[[Run], None] | None = None) -> PretrainResult:
+    """Train as the config says (resuming if asked) and return the final numbers.
+
+    on_evaluate(run) runs after each validation (benchmark tasks: corral.eval wires it, train cannot import eval).
+    """
     from corral.train.loop import train_loop
     from corral.train.setup import setup
 
     started = time.perf_counter()
     run = setup(config)
-    result = train_loop(run, run.loader, next_token_objective(run), evaluate=lambda: evaluate(run), name="pretrain")
+
+    def validate() -> float | None:
+        val = evaluate(run)
+        if on_evaluate is not None:
+            on_evaluate(run)
+        return val
+
+    result = train_loop(run, run.loader, next_token_objective(run), evaluate=validate, name="pretrain")
     state = result.state
     return PretrainResult(final_val_loss=state.last_val, final_train_loss=state.last_loss,
                           tokens_seen=state.tokens_seen, n_params=run.n_params, steps=state.step,

@@ -66,6 +66,23 @@ def test_prefill_and_batches_take_the_model_path():
 
 
 @torch.inference_mode()
+def test_one_token_rows_sharing_an_int_position_match_the_model_path():
+    """B rows of one token at the same int position (scoring several one-token continuations of a context)."""
+    from corral.engine.kv_cache import KVCache
+
+    slow, fast = _pair()
+    prompt, step = torch.randint(0, 300, (1, 11)), torch.randint(0, 300, (3, 1))
+    outs = []
+    for model in (slow, fast):
+        cache = KVCache(CONFIG, 3, 32, dtype=torch.float32)
+        model(prompt, 0, cache)
+        for layer in cache.k + cache.v:
+            layer[1:3, :, :11] = layer[0:1, :, :11]
+        outs.append(model(step, 11, cache))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
 def test_long_context_step_splits_heads_across_threads_and_still_matches():
     config = ModelConfig(dim=512, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=100, multiple_of=32,
                          max_seq_len=1024)
