@@ -127,18 +127,25 @@ def save_peft_adapter(adapter: LoraAdapter, config: ModelConfig, directory: str 
         tensors[peft_key(name)] = t.detach().contiguous()
     ranks = {name.removesuffix(".lora_a.weight"): t.shape[0] for name, t in adapter.tensors.items()
              if name.endswith(".lora_a.weight")}
-    text = json.dumps(_adapter_config(ranks, adapter.alphas, base_model), indent=2) + "\n"
+    text = json.dumps(_adapter_config(ranks, adapter.alphas, base_model, config.n_layers), indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, directory / WEIGHTS, {"format": "pt"})
     write_atomic(directory / PEFT_CONFIG, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return directory
 
 
-def _adapter_config(ranks: dict[str, int], alphas: dict[str, float], base_model: str | None) -> dict:
-    """adapter_config.json: the most common rank and alpha, patterns (escaped full names) for the others."""
+def _adapter_config(ranks: dict[str, int], alphas: dict[str, float], base_model: str | None, n_layers: int) -> dict:
+    """adapter_config.json: the most common rank and alpha, patterns (escaped full names) for the others.
+
+    target_modules are short names ("q_proj") when every block has them, else full module names, which
+    PEFT matches exactly, so it adds no layers the adapter does not hold.
+    """
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     hf = {name: meta_to_hf_key(f"{name}.weight").removesuffix(".weight") for name in ranks}
+    short = {h.rpartition(".")[2] for h in hf.values()}
+    every_block = all(sum(h.endswith(f".{s}") and h.startswith("model.layers.") for h in hf.values()) == n_layers
+                      for s in short - {"lm_head"})
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -146,7 +153,7 @@ def _adapter_config(ranks: dict[str, int], alphas: dict[str, float], base_model:
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
-        "target_modules": sorted({h.rpartition(".")[2] for h in hf.values()}),
+        "target_modules": sorted(short if every_block else hf.values()),
         "rank_pattern": {re.escape(hf[n]): r for n, r in ranks.items() if r != rank},
         "alpha_pattern": {re.escape(hf[n]): a for n, a in alphas.items() if a != alpha},
         "bias": "none",

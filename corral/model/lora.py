@@ -18,7 +18,7 @@ before quantizing or compiling; never after apply_fused_projections_ (wq/wk/wv a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -90,15 +90,25 @@ def check_lora_args(targets: tuple[str, ...] | list[str], rank: int, alpha: floa
 
 
 def apply_lora(model: nn.Module, targets: tuple[str, ...] | list[str] = ATTENTION_MLP, rank: int = 8,
-               alpha: float = 16.0, dropout: float = 0.0) -> nn.Module:
+               alpha: float = 16.0, dropout: float = 0.0, layers: Iterable[int] | None = None) -> nn.Module:
     """Wrap the `targets` of every block (and ``output`` if named) in LoRALinear; freeze the rest; returns model.
 
-    The model changes in place (its modules are replaced); the return value is for chaining.
+    ``layers`` limits the blocks (PEFT's layers_to_transform): adapting only the top blocks also ends the
+    backward pass there, since nothing below needs a gradient. The model changes in place (its modules are
+    replaced); the return value is for chaining.
     """
     check_lora_args(targets, rank, alpha, dropout)
+    names = lora_module_names(model, targets)
+    if layers is not None:
+        chosen = {int(i) for i in layers}
+        present = {int(n.split(".")[1]) for n in names if n.startswith("layers.")}
+        if not chosen or not chosen <= present:
+            raise ConfigError(f"lora layers {sorted(chosen)} are not all blocks of this model "
+                              f"(it has {min(present, default=0)}..{max(present, default=-1)})")
+        names = [n for n in names if not n.startswith("layers.") or int(n.split(".")[1]) in chosen]
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in lora_module_names(model, targets):
+    for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))

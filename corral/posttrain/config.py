@@ -82,6 +82,8 @@ class LoraConfig:
                                                         "attention.wo", "feed_forward.w1", "feed_forward.w2",
                                                         "feed_forward.w3"])
     """Linear layers of every block that get adapters, by Meta name (and "output" for the output projection)."""
+    layers: list[int] = field(default_factory=list)
+    """Blocks that get adapters (PEFT's layers_to_transform), e.g. the top few for a cheaper backward; empty: all."""
 
 
 @dataclass

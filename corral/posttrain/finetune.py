@@ -146,7 +146,8 @@ def apply_finetune_lora(model: nn.Module, lora: LoraConfig) -> None:
     except ImportError:
         raise ConfigError("lora.enabled needs corral.model.lora, which this build does not have yet; "
                           "set lora.enabled = false for full fine-tuning") from None
-    apply_lora(model, targets=list(lora.targets), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
+    apply_lora(model, targets=list(lora.targets), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+               layers=lora.layers or None)
 
 
 # --- 3 and 6. objectives --------------------------------------------------------------------

@@ -78,7 +78,7 @@ def _set_hf_template(directory: Path, template: str) -> None:
 def save_result(run, base, config: FinetuneConfig) -> Path | None:
     """Write the trained model (rank 0) and, if asked, store it; returns the model path (None off rank 0)."""
     if config.lora.enabled:
-        return _save_adapter(run, config)
+        return _save_adapter(run, base, config)
     state = full_state_dict(run.model)
     if run.rank != 0:
         return None
@@ -93,25 +93,26 @@ def save_result(run, base, config: FinetuneConfig) -> Path | None:
     return path
 
 
-def _save_adapter(run, config: FinetuneConfig) -> Path | None:
-    """The LoRA seam: the adapter alone, in the PEFT layout (corral.model.lora)."""
-    from corral.errors import ConfigError
+def _save_adapter(run, base, config: FinetuneConfig) -> Path | None:
+    """The adapter alone, in the PEFT layout (corral.checkpoint.peft); stored as ADAPTER over the base if asked."""
+    from corral.checkpoint.adapter import adapter_of
+    from corral.checkpoint.peft import save_peft_adapter
 
-    try:
-        from corral.model.lora import save_adapter
-    except ImportError:
-        raise ConfigError("saving a LoRA adapter needs corral.model.lora.save_adapter, which this build does not "
-                          "have yet") from None
     if run.rank != 0:
         return None
     out = Path(config.output.dir or Path(config.out_dir) / "adapter")
-    return save_adapter(getattr(run.model, "policy", run.model), out)  # PPO's ActorCritic: the policy's adapter
+    policy = getattr(run.model, "policy", run.model)  # PPO's ActorCritic: the policy's adapter
+    save_peft_adapter(adapter_of(policy), base.model.config, out, base_model=config.model.source)
+    if config.output.store_name:
+        store_model(base.path, config.output.store_name, adapter=out)
+    return out
 
 
-def store_model(path: Path, name: str) -> None:
-    """``corral create NAME`` with ``FROM path``: the model becomes ``corral run NAME``-able."""
+def store_model(path: Path, name: str, adapter: Path | None = None) -> None:
+    """``corral create NAME`` with ``FROM path`` (and ``ADAPTER adapter``): ``corral run NAME``-able."""
     from corral.store.create import create_model
     from corral.store.modelfile import Modelfile
     from corral.store.store import Store
 
-    create_model(Store(), name, Modelfile(from_=str(path.resolve())))
+    adapters = [str(adapter.resolve())] if adapter is not None else []
+    create_model(Store(), name, Modelfile(from_=str(path.resolve()), adapters=adapters))

@@ -168,3 +168,17 @@ def test_peft_adapter_with_alpha_pattern_round_trips_through_corral(base, tmp_pa
     assert cfg["r"] == 4 and len(cfg["rank_pattern"]) == 2 and len(cfg["alpha_pattern"]) == 2
     again = hf_logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(path), tmp_path / "ours").eval())
     torch.testing.assert_close(again, theirs, rtol=0, atol=1e-5)
+
+
+def test_corral_adapter_on_some_layers_names_full_modules_and_loads_in_peft(base, tmp_path):
+    hf, path = base
+    model = apply_lora(corral_model(path), ["attention.wk", "feed_forward.w1"], rank=2, alpha=4, layers=[1])
+    random_b_(model)
+    with torch.no_grad():
+        ours = model(TOKENS)
+    save_peft_adapter(adapter_of(model), model.config, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["model.layers.1.mlp.gate_proj", "model.layers.1.self_attn.k_proj"]
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(path), tmp_path / "a").eval()
+    assert "layers.0.self_attn.k_proj.lora_A" not in str(dict(peft_model.named_parameters()).keys())
+    torch.testing.assert_close(hf_logits(peft_model), ours, rtol=0, atol=1e-4)

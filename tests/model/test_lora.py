@@ -154,3 +154,20 @@ def test_apply_lora_after_fusing_raises_config_error():
     model = apply_fused_projections_(tiny_model())
     with pytest.raises(ConfigError, match="fused"):
         apply_lora(model, ["attention.wq"])
+
+
+def test_apply_lora_layers_limits_blocks_and_ends_backward_there():
+    model = apply_lora(tiny_model(), ["attention.wq", "feed_forward.w2"], rank=2, alpha=2, layers=[1])
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == {"layers.1.attention.wq", "layers.1.feed_forward.w2"}
+    x = tokens()
+    h0 = []
+    model.layers[0].register_forward_hook(lambda m, i, o: h0.append(o))
+    model(x).sum().backward()
+    assert not h0[0].requires_grad  # nothing below layer 1 is on the autograd tape
+
+
+@pytest.mark.parametrize("layers", [[], [2], [-1]])
+def test_apply_lora_layers_outside_the_model_raise_config_error(layers):
+    with pytest.raises(ConfigError, match="layers"):
+        apply_lora(tiny_model(), layers=layers)
