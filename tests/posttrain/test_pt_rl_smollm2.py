@@ -44,4 +44,6 @@ def test_rejection_sampling_raises_greedy_score_round_over_round_on_smollm2(tmp_
     result = run_finetune(config)
     scores = [e["greedy_score"] for e in _events(result.metrics_path)]
     assert len(scores) == config.rs.rounds + 1  # before training, then after every round
-    assert scores[-1] > scores[0], scores
+    assert scores[-1] > scores[0] and all(b >= a for a, b in zip(scores, scores[1:])), scores
+    rounds = [r for r in map(json.loads, result.metrics_path.read_text().splitlines()) if "event" not in r]
+    assert all(r["kept_score"] >= r["sample_score"] for r in rounds)  # best of k beats the average
