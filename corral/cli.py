@@ -5,6 +5,7 @@ the function that adds its arguments, and its one-line help, each from the modul
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -12,9 +13,13 @@ from dataclasses import dataclass
 
 from corral import repl
 from corral.bench import harness as bench
+from corral.data import commands as data
 from corral.errors import CorralError, FormatError
 from corral.eval import commands as evaluation
 from corral.posttrain import commands as posttrain
+from corral.safety import code_commands as codeshield
+from corral.safety import commands as safety
+from corral.safety import eval_commands as safety_eval
 from corral.server import commands as server
 from corral.store import commands as store
 from corral.train import commands as train
@@ -39,6 +44,24 @@ def _add_model_and_sampling(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step: faster tokens after a compile of a few minutes")
     p.add_argument("--speculate", default=None, metavar="lookup|DRAFT",
                    help="speculative greedy decoding: 'lookup' (prompt n-grams) or a draft model path")
+
+
+def minilm_embed(texts: list[str]):
+    """all-MiniLM-L6-v2 sentence vectors (N, 384) as numpy, for semantic_dedup; the encoder loads once per
+    process. Module-level, so executors pickle it by reference to their workers."""
+    return _minilm().encode(texts).numpy()
+
+
+@functools.cache
+def _minilm():
+    from corral.embed.minilm import SentenceEncoder
+
+    return SentenceEncoder.load()
+
+
+def cmd_curate(args) -> int:
+    """corral curate with the embedding model wired in (corral.data may not import corral.embed)."""
+    return data.cmd_curate(args, embed=minilm_embed)
 
 
 def _load(args):
@@ -150,6 +173,9 @@ COMMANDS: dict[str, Command] = {
     "scaling check": Command(scaling.cmd_check, scaling.check_arguments,
                              "train the held-out target and report the prediction error"),
     "bench": Command(bench.cmd_bench, bench.add_arguments, "benchmark Corral against llama.cpp and transformers"),
+    "curate": Command(cmd_curate, data.curate_arguments,
+                      "filter, dedup and clean text shards as a TOML pipeline says (local or Ray)"),
+    "mix": Command(data.cmd_mix, data.mix_arguments, "weight curated sources into pretraining token shards"),
     "serve": Command(server.cmd_serve, server.serve_arguments, "run the OpenAI/Ollama-compatible HTTP server"),
     "eval run": Command(evaluation.cmd_eval, evaluation.eval_arguments,
                         "score a model on benchmark tasks (also `corral eval MODEL --tasks ...`)"),
@@ -157,6 +183,12 @@ COMMANDS: dict[str, Command] = {
                             "compare results JSON files: a table and a bar plot"),
     "eval contamination": Command(evaluation.cmd_contamination, evaluation.contamination_arguments,
                                   "13-gram overlap between training data and each task's data"),
+    "codeshield": Command(codeshield.cmd_codeshield, codeshield.codeshield_arguments,
+                          "scan code for insecure patterns (exit 1 when found, 0 clean, 2 error)"),
+    "eval cyberseceval": Command(safety_eval.cmd_cyberseceval, safety_eval.cyberseceval_arguments,
+                            "CyberSecEval-style prompt-injection / false-refusal tests of an OpenAI-compatible server"),
+
+    "guard": Command(safety.cmd_guard, safety.guard_arguments, "assess text or conversations with a safety guard"),
 }
 # group -> (help, description) for the group's own `corral GROUP --help`.
 GROUPS = {

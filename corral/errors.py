@@ -82,3 +82,22 @@ class UnknownTaskError(CorralError, KeyError):
 
 class EvalServerError(CorralError, ConnectionError):
     """An evaluation server did not answer (after retries) or answered without what scoring needs."""
+
+
+class RuleFileError(CorralError, ValueError):
+    """A Code Shield rule file is malformed: bad TOML, a missing field, or a regex refused at load."""
+
+
+class CodeScanError(CorralError, ValueError):
+    """Code Shield cannot scan this input: an unknown language, or bytes that are not text."""
+
+class GuardVerdictError(CorralError, ValueError):
+    """A guard model answered outside the grammar `safe` | `unsafe` [newline S<n>,...] (corral.safety)."""
+
+    def __init__(self, message: str, *, text: str = ""):
+        super().__init__(message)
+        self.text = text
+
+
+class GuardInputError(CorralError, ValueError):
+    """A conversation or file the guard cannot assess: no message, unknown role, bad JSON line."""

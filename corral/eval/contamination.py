@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from corral.data.ngrams import NgramIndex, words
+from corral.data.ngrams import NgramIndex, ngrams
 from corral.data.readers import expand_sources, iter_documents
 from corral.data.shards import is_shard, read_shard
 from corral.eval import tasks
@@ -46,13 +46,15 @@ def example_text(doc: Doc) -> str:
 
 def contamination_report(train: list[str], task_list: list[Task], *, n: int = 13,
                          data_dir: str | Path | None = None) -> dict[str, Any]:
-    index = NgramIndex(n, train_documents(train))
+    index = NgramIndex(n)
+    for document in train_documents(train):
+        index.add(document, "train")
     rows = []
     for task in task_list:
         docs = tasks.load_docs(task, data_dir)
         texts = [example_text(d) for d in docs]
-        hit = [i for i, t in enumerate(texts) if index.hits(t)]
-        short = sum(len(words(t)) < n for t in texts)
+        hit = [i for i, t in enumerate(texts) if index.matches(t)]
+        short = sum(not ngrams(t, n) for t in texts)
         rows.append({"task": task.name, "examples": len(docs), "contaminated": len(hit),
                      "fraction": len(hit) / len(docs) if docs else 0.0, "too_short": short, "examples_hit": hit[:50]})
     return {"n": n, "train": [str(s) for s in train], "train_ngrams": len(index), "tasks": rows}

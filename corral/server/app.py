@@ -17,12 +17,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from corral.server import ollama, openai, responses, web
+from corral.server import moderation, ollama, openai, responses, web
 from corral.server.errors import AnswerUnexpectedErrors, install_handlers
 from corral.server.security import Guard
 from corral.server.state import ServerState
 
-ROUTERS = {"openai": openai.router, "responses": responses.router, "ollama": ollama.router, "web": web.router}
+ROUTERS = {"openai": openai.router, "responses": responses.router, "ollama": ollama.router, "web": web.router,
+           "moderation": moderation.router}
 
 
 class CountRequests:
@@ -72,7 +73,10 @@ class RequestId:
 
 
 async def preload(state: ServerState) -> None:
-    """`corral serve --model NAME|PATH`: load at start; the first one becomes the default model."""
+    """`corral serve --model NAME|PATH`: load at start; the first one becomes the default model.
+    `--guard`: the guard is loaded first and put in front of every generation."""
+    if state.config.guard is not None and state.guard is None:
+        await asyncio.to_thread(moderation.install_guard, state)
     for i, name in enumerate(state.config.preload):
         key = state.pool.register_path(name) if Path(name).exists() and name not in state.pool.paths else name
         model = await state.pool.get(key)

@@ -62,6 +62,21 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="open connections at once; more are answered 503 and closed (default: 1000)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES",
                    help="largest request body accepted; larger gets 413 (default: 8 MiB)")
+    p.add_argument("--code-shield", nargs="?", const="block", default=None, choices=["block", "warn"],
+                   help="scan the code blocks of every answer for insecure code: block (default) replaces a block "
+                        "with an error-severity finding by a notice and appends a warning for the rest; warn only "
+                        "appends warnings. Findings are reported as `code_shield` in each response")
+
+    p.add_argument("--guard", nargs="?", const="embedded", default=None, metavar="MODEL",
+                   help="moderate input and output with a guard: the embedded one (no MODEL) or a Llama Guard "
+                        "model (path or stored name). Unsafe input is refused and unsafe output cut before it "
+                        "reaches the client (finish reason content_filter, the category in the text)")
+    p.add_argument("--guard-fail-open", action="store_true",
+                   help="when the guard itself fails, let the text through (default: cut it, fail closed)")
+    p.add_argument("--guard-threshold", type=float, default=None, metavar="P",
+                   help="flag at P(unsafe) >= P (default: 0.5 for Llama Guard, the embedded head's own)")
+    p.add_argument("--guard-exclude", default=None, metavar="S2,S7",
+                   help="categories the guard does not check, comma-separated codes (Llama Guard 3: S1-S14)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
 
@@ -98,6 +113,12 @@ def config_from_args(args):
     config.api_key = args.api_key or config.api_key
     config.preload = list(args.model or [])
     config.allow_origins += list(args.allow_origin or [])
+    config.code_shield = args.code_shield
+    config.guard, config.guard_fail_open = args.guard, args.guard_fail_open
+    config.guard_threshold = args.guard_threshold
+    config.guard_exclude = [c.strip() for c in (args.guard_exclude or "").split(",") if c.strip()]
+    if config.guard_threshold is not None and not 0 < config.guard_threshold < 1:
+        raise ConfigError(f"--guard-threshold must be between 0 and 1, got {config.guard_threshold}")
     return config
 
 

@@ -215,6 +215,15 @@ class Generation:
     def timings(self, index: int = 0) -> dict:
         return dict(self.ticket.requests[index].timings) if self.ticket is not None and self.ticket.requests else {}
 
+    def extras(self, index: int) -> dict:
+        """Fields the output filters add to sample `index`'s response (an OutputFilter with a `report()`,
+        e.g. Code Shield's {"code_shield": {...}}); clients ignore fields they do not know."""
+        out: dict = {}
+        for o in self.outputs[index] if self.refused is None else ():
+            if (report := getattr(o, "report", None)) is not None:
+                out.update(report())
+        return out
+
     def error(self) -> HTTPError | None:
         errors = [s.error for s in self.samples if s.finish == "error"]
         return HTTPError(f"generation failed: {errors[0] or 'engine error'}", status=500, code="engine_error") \

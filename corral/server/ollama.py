@@ -93,7 +93,7 @@ class GenerateReply:
     def end(self, reason: str) -> list[dict]:
         gen = self.answer.gen
         return [{**self.answer.head(), "response": "", "done": True, "done_reason": reason,
-                 "context": gen.prompt.ids + gen.output_ids(), **self.answer.stats()}]
+                 "context": gen.prompt.ids + gen.output_ids(), **self.answer.stats(), **gen.extras(0)}]
 
     @staticmethod
     def merge(lines: list[dict]) -> dict:
@@ -127,7 +127,7 @@ class ChatReply:
             elif held:
                 lines.append(self._line({"content": held}))
         final = self._line({"content": ""})
-        final.update(done=True, done_reason=reason, **self.answer.stats())
+        final.update(done=True, done_reason=reason, **self.answer.stats(), **self.answer.gen.extras(0))
         return [*lines, final]
 
     @staticmethod

@@ -216,7 +216,8 @@ def chat_choice(gen: Generation, plan: ChatPlan, i: int) -> dict:
             finish = "tool_calls"
     tokenizer = gen.model.llm.tokenizer
     return {"index": i, "message": message, "finish_reason": finish,
-            "logprobs": {"content": [logprob_entry(tokenizer, c) for c in s.choices]} if gen.logprobs else None}
+            "logprobs": {"content": [logprob_entry(tokenizer, c) for c in s.choices]} if gen.logprobs else None,
+            **gen.extras(i)}
 
 
 async def chat_stream(gen: Generation, plan: ChatPlan, name: str, include_usage: bool) -> AsyncIterator[str]:
@@ -225,7 +226,9 @@ async def chat_stream(gen: Generation, plan: ChatPlan, name: str, include_usage:
 
     def chunk(i: int, delta: dict, finish: str | None = None, choice=None) -> str:
         lp = {"content": [logprob_entry(tokenizer, choice)] if choice is not None else []} if gen.logprobs else None
-        return sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+        extras = gen.extras(i) if finish is not None else {}  # filters' reports ride on the last chunk
+        return sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish,
+                                         **extras}]})
 
     holds = [toolcalls.CallFilter(plan.forced) for _ in gen.samples] if plan.tools else None
     for i in range(len(gen.samples)):
@@ -319,7 +322,7 @@ async def completions(request: Request):
     choices = [{"index": k * len(g.samples) + i, "text": echo + s.text, "finish_reason": s.finish,
                 "logprobs": legacy_logprobs(prompt + [logprob_entry(tokenizer, c) for c in s.choices],
                                             len(echo) if not prompt else 0)
-                if g.logprobs else None}
+                if g.logprobs else None, **g.extras(i)}
                for k, (g, echo, prompt) in enumerate(zip(gens, echoes, echoed)) for i, s in enumerate(g.samples)]
     return {"id": f"cmpl-{gens[0].id}", "object": "text_completion", "created": gens[0].created, "model": name,
             "choices": choices, "usage": batch_usage(gens)}
@@ -341,7 +344,9 @@ async def completion_stream(gens: list[Generation], name: str, echoes: list[str]
         entries = [logprob_entry(tokenizer, choice)] if choice is not None else []
         lp = legacy_logprobs(entries, offsets[i]) if gens[0].logprobs else None
         offsets[i] += len(text)
-        return sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
+        extras = gens[i // n].extras(i % n) if finish is not None else {}
+        return sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish,
+                                         **extras}]})
 
     for k, echo in enumerate(echoes):
         for i in range(n if echo else 0):

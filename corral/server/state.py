@@ -67,6 +67,14 @@ class ServeConfig:
     client sees a reset on a valid request (3 in 27,529 in a 30-minute soak at 5 s)."""
     max_connections: int = 1000
     """Open connections at once; more are answered 503 and closed (capped below the descriptor limit)."""
+    code_shield: str | None = None
+    """Code Shield on every answer's code blocks: "block" (insecure blocks replaced) or "warn"; None: off."""
+    guard: str | None = None
+    """`--guard`: "embedded" or a Llama Guard model (path or store name) checking input and output."""
+    guard_fail_open: bool = False
+    """Let text through when the guard fails (default: cut it)."""
+    guard_threshold: float | None = None
+    guard_exclude: list[str] = field(default_factory=list)
 
     @property
     def loopback(self) -> bool:
@@ -130,6 +138,8 @@ class ServerState:
     """Embedding models outside the pool (the MiniLM sentence encoder), loaded on first use."""
     filters: list = field(default_factory=list)
     """Stream filters every generation passes through (corral.server.generation.StreamFilter), in order."""
+    guard: Any = None
+    """The corral.safety guard behind --guard and /v1/moderations (loaded at start or on first use)."""
 
     @classmethod
     def create(cls, config: ServeConfig, store=None) -> ServerState:
@@ -138,7 +148,12 @@ class ServerState:
         store = store if store is not None else Store()
         pool = ModelPool(store, config.load_options(), max_loaded=config.max_loaded, keep_alive=config.keep_alive,
                          default_model=config.default_model)
-        return cls(pool, Metrics(), config, store)
+        filters = []
+        if config.code_shield:
+            from corral.server.codeshield import CodeShieldFilter
+
+            filters.append(CodeShieldFilter(config.code_shield))
+        return cls(pool, Metrics(), config, store, filters=filters)
 
 
 def get_state(request: Request) -> ServerState:

@@ -251,6 +251,7 @@ function stats(s) {
   }
   if (s?.finish_reason === "cancelled") parts.push("stopped");
   else if (s?.finish_reason === "length") parts.push("hit the token limit");
+  else if (s?.finish_reason === "content_filter") parts.push("cut by the content guard");
   const node = el("span", "stats", parts.join(" \u00B7 "));
   if (s?.model) node.title = s.model;
   return node;
