@@ -28,6 +28,7 @@ def _config(name: str, out_dir, overrides: list[str]):
                                                              *overrides])
 
 
+@pytest.mark.timeout(1800)  # 8 rollouts + 2 evaluations of a 135M model; over 900 s on a loaded 2-core machine
 def test_ppo_raises_held_reward_with_bounded_kl_on_smollm2(tmp_path):
     config = _config("ppo_keyword.toml", tmp_path / "ppo", [])  # 16 steps, 8 rollouts of 16 responses
     result = run_finetune(config)
@@ -39,6 +40,7 @@ def test_ppo_raises_held_reward_with_bounded_kl_on_smollm2(tmp_path):
     assert (result.model_dir / "model.gguf").is_file()
 
 
+@pytest.mark.timeout(1800)
 def test_rejection_sampling_raises_greedy_score_round_over_round_on_smollm2(tmp_path):
     config = _config("rs_keyword.toml", tmp_path / "rs", [])
     result = run_finetune(config)
