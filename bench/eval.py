@@ -1,6 +1,6 @@
 """HellaSwag dev examples/s: `corral eval` against lm-eval's `hf` backend and lm-eval driving llama.cpp's server.
 
-    python bench/eval.py [--limit 100] [--threads 2] [--sides corral,hf,llamacpp] [--json out.json]
+    python bench/eval.py [--limit 100] [--threads 2] [--sides corral,corral_fp32,hf,llamacpp] [--json out.json]
 
 One process, one side after the other, each on the same rows, the same SmolLM2-135M-Instruct weights
 and the same number of threads, timed from "model loaded" to "scores out":
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--limit", type=int, default=100, help="HellaSwag dev rows (default 100)")
     p.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads (default 2)")
-    p.add_argument("--sides", default="corral,hf,llamacpp", help="comma list of corral, hf, llamacpp")
+    p.add_argument("--sides", default="corral,corral_fp32,hf,llamacpp",
+                   help="comma list of corral, corral_fp32, hf, llamacpp (default: all)")
     p.add_argument("--work", default=None, help="folder for the HF copy (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     runs = {"corral": lambda: corral_side(args.limit, None), "corral_fp32": lambda: corral_side(args.limit, "none"),
             "hf": lambda: hf_side(args.limit, work), "llamacpp": lambda: llamacpp_side(args.limit, args.threads)}
-    names = [n for n in runs if n in sides or (n == "corral_fp32" and "corral" in sides)]
+    names = [n for n in runs if n in sides]
     results = {}
     for name in names:
         r = runs[name]()

@@ -1,13 +1,13 @@
 """Llama 3's data-mix experiment in miniature: curate, mix two ways, pretrain a tiny model on each mix for
 the same number of steps, and compare validation loss per source (docs/curation.md has the table).
 
-    python scripts/curation_mix_experiment.py --steps 150 --out runs/mix-experiment
+    python scripts/curation_mix_experiment.py --steps 80 --out runs/mix-experiment
 
 Sources: web = data/web/c4_demo.jsonl through configs/curate/web.toml's pipeline; books = the four
 Gutenberg books of data/corpus, cut into ~2,000-character documents. Each source holds out 10% of its
 documents (the same ones in both mixes) as val/<source>.bin. Mix A weighs them 1 : 1, mix B 3 : 0.25.
 Both runs use one model shape, seed, learning rate and step count; the loss is the mean next-token loss
-over every full 128-token window of each validation shard.
+over the first 100 full 64-token windows of each validation shard.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MIXES = {"A (web 1, books 1)": {"web": 1.0, "books": 1.0}, "B (web 3, books 0.25)": {"web": 3.0, "books": 0.25}}
-SEQ = 128
+SEQ = 64
 
 
 def curate_web(out: Path) -> Path:
@@ -49,12 +49,12 @@ def pretrain(mix: Path, out: Path, steps: int) -> Path:
     overrides = {"out_dir": str(out), "model.preset": "debug", "model.dim": 64, "model.n_layers": 2,
                  "model.n_heads": 4, "model.n_kv_heads": 1, "model.multiple_of": 32, "model.max_seq_len": SEQ,
                  "model.tie_embeddings": True, "data.train": [str(mix / "train")], "data.seq_len": SEQ,
-                 "data.batch_size": 8, "train.steps": steps, "train.progress": False, "train.tensorboard": False,
+                 "data.batch_size": 4, "train.steps": steps, "train.progress": False, "train.tensorboard": False,
                  "train.val_every": 0, "optim.lr": 3e-3, "optim.warmup_steps": 10, "checkpoint.every": steps}
     return run_pretrain(load_config(None, [f"--{k}={json.dumps(v)}" for k, v in overrides.items()])).checkpoint
 
 
-def val_loss(checkpoint: Path, shard: Path, max_windows: int = 256) -> float:
+def val_loss(checkpoint: Path, shard: Path, max_windows: int = 100) -> float:
     """Mean next-token cross-entropy over full SEQ-token windows of the shard (nats per token)."""
     import torch
     import torch.nn.functional as F
@@ -78,7 +78,7 @@ def val_loss(checkpoint: Path, shard: Path, max_windows: int = 256) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--out", default="runs/mix-experiment")
     args = p.parse_args()
     out = Path(args.out)

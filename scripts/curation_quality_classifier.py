@@ -54,6 +54,7 @@ def main() -> int:
     p.add_argument("--docs", type=int, default=200)
     p.add_argument("--model", default=None, help="a stored model name or path (default: the embedded SmolLM2)")
     p.add_argument("--out", default="data/web/quality")
+    p.add_argument("--labels", default=None, help="reuse a labels.jsonl from an earlier run (skips the labeller)")
     args = p.parse_args()
     import corral
     from corral.cli import minilm_embed
@@ -61,8 +62,14 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     docs = documents(args.docs)
-    llm = corral.load(args.model) if args.model else corral.load()
-    scores = np.array([label(llm, d["text"]) for d in docs])
+    if args.labels:
+        known = {r["id"]: r["score"] for r in map(json.loads, Path(args.labels).read_text().splitlines())}
+        docs = [d for d in docs if d["id"] in known]
+        scores, labeller = np.array([known[d["id"]] for d in docs]), json.loads(
+            (Path(args.labels).parent / "agreement.json").read_text())["labeller"]
+    else:
+        llm = corral.load(args.model) if args.model else corral.load()
+        scores, labeller = np.array([label(llm, d["text"]) for d in docs]), llm.name
     (out / "labels.jsonl").write_text("".join(json.dumps({"id": d["id"], "score": round(float(s), 4)}) + "\n"
                                               for d, s in zip(docs, scores)))
     emb = minilm_embed([d["text"] for d in docs])  # (N, 384)
@@ -70,7 +77,7 @@ def main() -> int:
     scorer = train_scorer(emb[:cut], scores[:cut])
     scorer.save(out / "scorer.npz")
     threshold = float(np.median(scores))  # the labeller's own median: a keep/drop split with both sides populated
-    report = {"labeller": llm.name, "train": cut, "held": len(docs) - cut, "threshold": round(threshold, 4),
+    report = {"labeller": labeller, "train": cut, "held": len(docs) - cut, "threshold": round(threshold, 4),
               "label_mean": round(float(scores.mean()), 4), "label_std": round(float(scores.std()), 4),
               "held_agreement": agreement(scorer(emb[cut:]), scores[cut:], threshold),
               "train_agreement": agreement(scorer(emb[:cut]), scores[:cut], threshold)}

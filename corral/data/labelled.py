@@ -47,10 +47,9 @@ def score(labelled_path: str | Path, exclusions: list[dict], near_dup_min_jaccar
     roots = root_of(labels)
     dropped = {e["id"]: e for e in exclusions}
     fam = {i: _family(e["step"]) for i, e in dropped.items()}
-    pairs_found = lambda key, ok: _pairs(labels, dropped, roots, key, ok)  # noqa: E731
-    exact_found, exact_total = pairs_found("exact_dup_of", lambda lab: True)
-    near_found, near_total = pairs_found("near_dup_of",
-                                         lambda lab: (lab["shingle5_jaccard_to_orig"] or 0) >= near_dup_min_jaccard)
+    exact_found, exact_total = _pairs(labels, dropped, roots, "exact_dup_of", lambda lab: True)
+    near_found, near_total = _pairs(labels, dropped, roots, "near_dup_of",
+                                    lambda lab: (lab["shingle5_jaccard_to_orig"] or 0) >= near_dup_min_jaccard)
     wrong_dups = [i for i, e in dropped.items() if fam[i] == "dedup"
                   and roots.get(i) != roots.get(e["metadata"].get("duplicate_of"))]
     originals = [i for i, lab in labels.items() if not lab["exact_dup_of"] and not lab["near_dup_of"]

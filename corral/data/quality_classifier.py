@@ -57,11 +57,12 @@ class LinearScorer:
             raise ConfigError(f"quality model {path}: not a saved LinearScorer ({exc})") from None
 
 
-def train_scorer(embeddings: np.ndarray, scores: np.ndarray, alpha: float = 1.0) -> LinearScorer:
-    """Ridge regression (closed form) of scores (N,) on embeddings (N, dim)."""
-    from sklearn.linear_model import Ridge
+def train_scorer(embeddings: np.ndarray, scores: np.ndarray, alpha: float | None = None) -> LinearScorer:
+    """Ridge regression of scores (N,) on embeddings (N, dim); ``alpha`` None picks it by leave-one-out
+    cross-validation over 1e-3..1e3 (a few hundred labels against 384 dimensions overfit without it)."""
+    from sklearn.linear_model import Ridge, RidgeCV
 
-    model = Ridge(alpha=alpha).fit(embeddings, scores)
+    model = (RidgeCV(alphas=np.logspace(-3, 3, 13)) if alpha is None else Ridge(alpha=alpha)).fit(embeddings, scores)
     return LinearScorer(np.asarray(model.coef_, dtype=np.float64), float(model.intercept_))
 
 

@@ -27,7 +27,7 @@ def ray_runner(workers: int, address: str | None = None) -> Iterator[RunTasks]:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=workers, include_dashboard=False, runtime_env=env, log_to_driver=False)
+        _start_local(ray, workers, env)
 
     def run(fn: Callable[[Task], None], tasks: list[Task], label: str) -> None:
         remote = ray.remote(num_cpus=1, max_retries=2)(fn)
@@ -43,3 +43,16 @@ def ray_runner(workers: int, address: str | None = None) -> Iterator[RunTasks]:
         yield run
     finally:
         ray.shutdown()
+
+
+def _start_local(ray, workers: int, env: dict, attempts: int = 3) -> None:
+    """ray.init a local cluster; Ray gives its raylet a fixed 30 s to register, which a heavily loaded
+    machine can miss ("The current node timed out during startup"), so the start is tried again."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=workers, include_dashboard=False, runtime_env=env, log_to_driver=False)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == attempts - 1:
+                raise

@@ -25,6 +25,9 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="few-shot examples per question (default: each task's own, MMLU 5, others 0)")
     p.add_argument("--chat", action="store_true",
                    help="generation tasks: ask through the chat template (log-likelihood tasks score plain text)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="generation tasks: completions per prompt (1 = greedy pass@1; n > 1 samples at T=0.8 and "
+                        "reports pass@k for k <= n)")
     p.add_argument("--server", default=None, metavar="URL",
                    help="score through an OpenAI-compatible server (/v1/completions with echo + logprobs)")
     p.add_argument("--model", dest="server_model", default=None, metavar="NAME", help="the model name on --server")
@@ -92,13 +95,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from corral.eval.runner import EvalSettings, evaluate
 
     task_list = parse_task_list(args.tasks)  # an unknown name fails before any model loads
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     backend = open_backend(args)
     settings = EvalSettings(limit=args.limit, shots=args.shots, seed=args.seed, data_dir=args.data_dir,
-                            text=args.text)
+                            text=args.text, samples=args.samples, chat=args.chat)
     config = {"backend": "server" if args.server else "local", "server": args.server, "quant": args.quant,
               "chat": args.chat, "threads": args.threads, "batch_size": args.batch_size}
     progress_for, bars = _progress_bar(not args.no_progress)

@@ -51,6 +51,12 @@ def fit_prompt(ids: list[int], context: int, max_gen_toks: int) -> list[int]:
     return ids[len(ids) - room:]
 
 
+def cut_at(text: str, stops: Sequence[str]) -> str:
+    """The text before the first of the stop strings (for backends that apply fewer of them)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 def encode_prompt(llm, req: GenRequest) -> list[int]:
     if not req.chat:
         return llm.tokenizer.encode(req.prompt, bos=llm.add_bos)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry
 from tqdm import tqdm
 
+from corral.eval.commands import open_model
 from corral.eval.generation import GenRequest, generate_local
 from corral.eval.loglik import LocalModel
 
@@ -27,15 +27,15 @@ NAME = "corral"
 
 
 class CorralLM(LM):
-    """model_args: pretrained (a path, a store name, or empty for the embedded SmolLM2), dtype (float32,
-    bfloat16), quant (gguf, none, int8, int4), max_length (tokens of context), batch_size (continuations
-    per forward)."""
+    """model_args: pretrained (a path, a store name, or empty for the embedded SmolLM2), quant (gguf, none,
+    int8, int4), max_length (tokens of context), batch_size (continuations per forward). lm-eval's own
+    device and max_batch_size are accepted and ignored (Corral runs on the CPU here)."""
 
-    def __init__(self, pretrained: str | None = None, dtype: str | None = None, quant: str | None = None,
-                 max_length: int | None = None, batch_size: int | str | None = None, max_batch_size: int | None = None,
-                 device: str | None = None, **_: Any):
+    def __init__(self, pretrained: str | None = None, quant: str | None = None, max_length: int | None = None,
+                 batch_size: int | str | None = None, max_batch_size: int | None = None, device: str | None = None,
+                 **_: Any):
         super().__init__()
-        self.llm = open_model(pretrained or None, dtype=dtype, quant=quant)
+        self.llm = open_model(pretrained or None, quant)
         per_forward = int(batch_size) if str(batch_size or "").isdigit() else 32
         self.scorer = LocalModel.from_llm(self.llm, max_length=int(max_length) if max_length else None,
                                           batch_size=per_forward)
@@ -66,21 +66,6 @@ def gen_request(context: str, kwargs: dict | None) -> GenRequest:
 
 def _bar(total: int, what: str, disable: bool):
     return tqdm(total=total, desc=f"corral {what}", disable=disable, unit="req")
-
-
-def open_model(pretrained: str | None, *, dtype: str | None = None, quant: str | None = None):
-    """A path (GGUF, HF or Meta directory), a store name, or None for the embedded default."""
-    import torch
-
-    import corral
-
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    if pretrained is None or Path(pretrained).exists():
-        return corral.load(pretrained, torch_dtype, quant=quant)
-    from corral.store.load import load_stored
-    from corral.store.store import Store
-
-    return load_stored(Store(), pretrained, quant=quant, dtype=torch_dtype)[0]
 
 
 def register() -> None:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from corral.eval.generation import cut_at
 from corral.eval.sandbox import DEFAULT_LIMITS, SandboxLimits, SandboxResult, run_many
 
 STOP = ("\ndef ", "\nclass ", "\nif ", "\nprint", "\n#")
@@ -98,5 +99,4 @@ def from_chat(row: Mapping[str, str], answer: str) -> str:
 
 def truncate(completion: str, stop: Sequence[str] = STOP) -> str:
     """Cut a completion at its first stop sequence (a server may not apply all of them)."""
-    cut = min((i for i in (completion.find(s) for s in stop) if i >= 0), default=len(completion))
-    return completion[:cut]
+    return cut_at(completion, stop)

@@ -170,8 +170,8 @@ class LocalModel:
         """A cache whose first `rows` rows hold ids' keys and values at positions 0..len(ids)-1."""
         kept = self._kept
         if kept.cache is None or kept.rows < rows or kept.length < length:
-            grown = KVCache(self.model.config, max(rows, kept.rows), max(length, kept.length, CHUNK),
-                            dtype=cache_dtype(self.model))
+            # sized for this request only (rounded up), so a long rolling window never multiplies a later row count
+            grown = KVCache(self.model.config, rows, -(-length // 256) * 256, dtype=cache_dtype(self.model))
             shared = _shared(kept.ids, ids)
             if kept.cache is not None and shared:
                 for new, old in zip(grown.k + grown.v, kept.cache.k + kept.cache.v):

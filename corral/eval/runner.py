@@ -34,6 +34,8 @@ class EvalSettings:
     """The perplexity task's text file (default: the held-out corpus file)."""
     samples: int = 1
     """Generation tasks: completions per prompt (1 = greedy; n > 1 samples at T=0.8 for pass@k, k <= n)."""
+    chat: bool = False
+    """Generation tasks: each prompt as one user turn through the model's chat template."""
 
 
 @dataclass
@@ -128,7 +130,7 @@ def run_generation(task: Task, backend, settings: EvalSettings, progress: Progre
     prompts = [prefix + doc.query for doc, prefix in zip(docs, _prefixes(task, docs, settings))]
     values, _ = gentasks.run_generation(task.name, prompts, [d.row for d in docs],
                                         lambda requests: backend.generate(requests, progress),
-                                        samples=settings.samples, seed=settings.seed)
+                                        samples=settings.samples, seed=settings.seed, chat=settings.chat)
     return [Row(task.name, m, v, values.get(f"{m}_stderr", 0.0), len(docs))
             for m, v in values.items() if not m.endswith("_stderr")]
 

@@ -4,8 +4,9 @@ Log-likelihood asks /v1/completions for the prompt context + continuation with `
 max_tokens: 1, temperature: 0` (as lm-eval's completions backends do) and sums the log-probabilities of the
 echoed tokens that start at or after the continuation's first character (text_offset), so no local
 tokenizer is needed; greedy = each of those tokens is its position's top alternative. The one generated
-token is ignored. Generation uses /v1/chat/completions. A timeout, a refused connection or a 5xx is retried
-with exponential backoff, then becomes an EvalServerError naming the URL.
+token is ignored. Generation (GSM8K, HumanEval) uses /v1/completions, or /v1/chat/completions with --chat.
+A timeout, a refused connection or a 5xx is retried with exponential backoff, then becomes an
+EvalServerError naming the URL.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from corral.errors import EvalServerError
+from corral.eval.generation import GenRequest, cut_at
 
 
 class ServerModel:
@@ -97,6 +99,34 @@ class ServerModel:
             return answer["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise EvalServerError(f"{self.url}/v1/chat/completions answered without choices[0].message") from None
+
+
+    def generate(self, requests: Sequence[GenRequest], progress: Callable[[int], None] | None = None
+                 ) -> list[list[str]]:
+        """Completions of each GenRequest: /v1/completions for a plain prompt, /v1/chat/completions with chat."""
+        out = []
+        for req in requests:
+            params: dict[str, Any] = {"max_tokens": req.max_gen_toks, "temperature": req.temperature}
+            if req.until:
+                params["stop"] = list(req.until[:4])  # OpenAI takes at most 4; the rest are cut below
+            if req.temperature > 0:
+                params["top_p"] = 0.95
+            if req.chat:  # one request per sample: chat() reads choices[0]
+                texts = [self.chat([{"role": "user", "content": req.prompt}], seed=req.seed + i, **params)
+                         for i in range(req.samples)]
+            else:
+                texts = self._complete(req.prompt, n=req.samples, seed=req.seed, **params)
+            out.append([cut_at(t, req.until) for t in texts])
+            if progress is not None:
+                progress(1)
+        return out
+
+    def _complete(self, prompt: str, **params: Any) -> list[str]:
+        answer = self.post("/v1/completions", {"model": self.name, "prompt": prompt, **params})
+        choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
+        if len(choices) != params.get("n", 1) or not all(isinstance(c.get("text"), str) for c in choices):
+            raise EvalServerError(f"{self.url}/v1/completions answered without {params.get('n', 1)} choices[].text")
+        return [c["text"] for c in choices]
 
 
 def _move_spaces(context: str, continuation: str) -> tuple[str, str]:

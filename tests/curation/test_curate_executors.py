@@ -54,10 +54,8 @@ def write_config(tmp_path: Path, inputs: Path, out: str) -> Path:
 
 
 def curate(config: Path, *flags: str) -> subprocess.CompletedProcess:
-    # a loaded machine can take minutes to bring up Ray's raylet; the default wait is 60 s
-    env = dict(os.environ, RAY_raylet_start_wait_time_s="600")
     return subprocess.run([sys.executable, "-m", "corral", "curate", str(config), *flags], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env=env)
+                          capture_output=True, text=True, timeout=900)
 
 
 def curate_here(config: Path) -> None:

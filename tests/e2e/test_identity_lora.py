@@ -36,7 +36,7 @@ HELD_OUT = [  # none of these is an instruction of data/sft/identity.json
 TRAIN = ["--lora.enabled=true", "--lora.rank=16", "--lora.alpha=32", "--lora.layers=[22,23,24,25,26,27,28,29]",
          "--optim.lr=3e-3", "--optim.warmup_steps=2", "--train.steps=16", "--train.val_every=0",
          "--checkpoint.every=0", "--data.val_fraction=0", "--train.progress=false"]
-GREEDY = {"temperature": 0.0, "max_new_tokens": 20}
+GREEDY = {"temperature": 0.0, "max_new_tokens": 12}  # "I am Corral" comes first in a trained answer
 
 
 def _env(home: Path) -> dict[str, str]:

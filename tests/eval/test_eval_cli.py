@@ -105,3 +105,16 @@ def test_perplexity_of_a_text_file_is_bits_per_byte_of_its_tokens(smollm2_fp32, 
     assert values["bits_per_byte"] == pytest.approx(-total / nbytes / math.log(2), rel=1e-4)
     assert values["byte_perplexity"] == pytest.approx(2 ** values["bits_per_byte"], rel=1e-6)
     assert values["word_perplexity"] == pytest.approx(math.exp(-total / 16), rel=1e-4)  # 15 words + the empty tail
+
+
+def test_eval_opens_a_stored_model_by_name(one_thread, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path / "home"))
+    assert main(["eval", "smollm2:135m", "--tasks", "piqa", "--limit", "1", "--no-progress"]) == 0
+    assert "model: smollm2:135m" in capsys.readouterr().out
+
+
+def test_eval_of_a_missing_model_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path / "home"))
+    assert main(["eval", "no-such-model:1b", "--tasks", "piqa", "--limit", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("corral: error:") and err.count("\n") == 1
