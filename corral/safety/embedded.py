@@ -3,7 +3,8 @@
 No Llama Guard weights ship with Corral, so the default guard is a probe (Alain & Bengio 2016, arXiv
 1610.01644): the message to assess, as a line of Llama Guard's conversation section ("User: ..." or
 "Agent: ..."), goes through the first blocks of the frozen trunk; the masked means of the hidden states
-after the blocks in FeatureSpec.layers, side by side, are one feature vector, and a linear layer maps it
+after the blocks in FeatureSpec.layers (and the last token's state after those in FeatureSpec.last), side by
+side, are one feature vector, and a linear layer maps it
 to 1 + 14 logits: unsafe, then Llama Guard 3's S1..S14. Only the assessed message goes in (not the
 category instructions: they are the same for every input and would add ~250 tokens to each), and only up
 to the deepest block used is run (9 of 30: on 2 shared cores, embedding cost is the budget).
