@@ -71,7 +71,7 @@ def dpo_rows(n: int) -> list[dict]:
 def corral_side(kind: str, model_dir: Path, data: Path, out: Path, args) -> dict:
     from corral.posttrain.config import load_finetune_config
     from corral.posttrain.finetune import run_finetune
-    from corral.posttrain.metrics import read_series
+    from corral.train.loop import read_metrics
 
     overrides = [f"--objective={json.dumps(kind)}", f"--out_dir={json.dumps(str(out))}",
                  f"--model.source={json.dumps(str(model_dir))}", f"--data.train=[{json.dumps(str(data))}]",
@@ -80,17 +80,11 @@ def corral_side(kind: str, model_dir: Path, data: Path, out: Path, args) -> dict
                  "--train.progress=false", "--train.tensorboard=false", "--checkpoint.every=0",
                  "--optim.lr=1e-5", "--optim.warmup_steps=0", "--optim.weight_decay=0.0", "--optim.grad_clip=1.0"]
     result = run_finetune(load_finetune_config(None, overrides))
-    train, _ = read_series(result.metrics_path)
-    timed = slice(args.warmup, None)
-    step_s = [v for _, v in _records(result.metrics_path, "step_s")][timed]
-    tokens = [v for _, v in train["tokens"]][timed] if "tokens" in train else [0] * len(step_s)
+    records = [r for _, r in sorted(read_metrics(result.metrics_path).items())]
+    seen = [0] + [r["tokens_seen"] for r in records]
+    tokens = [b - a for a, b in zip(seen, seen[1:])][args.warmup:]  # non-padding tokens of each step
+    step_s = [r["step_s"] for r in records][args.warmup:]
     return {"step_s": statistics.median(step_s), "tokens_per_s": sum(tokens) / sum(step_s)}
-
-
-def _records(path: Path, key: str) -> list[tuple[int, float]]:
-    from corral.train.loop import read_metrics
-
-    return [(s, r[key]) for s, r in sorted(read_metrics(path).items())]
 
 
 def trl_side(kind: str, model_dir: Path, rows: list[dict], out: Path, args) -> dict:

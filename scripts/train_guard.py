@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,37 +30,45 @@ sys.path.insert(0, str(ROOT))
 from corral.safety import guard_data  # noqa: E402
 from corral.safety.embedded import HEAD_DIR, FeatureSpec, Head, conversation_block, features  # noqa: E402
 
-SPEC = FeatureSpec(layers=(9,), max_tokens=64)
-C = 0.01
+SPEC = FeatureSpec(layers=tuple(range(1, 10)), max_tokens=64, last=(9,))
+C = 0.003
 """Inverse L2 strength of every logistic regression."""
-THRESHOLD = 0.7
-"""P(unsafe) that flags. SPEC.layers, C and THRESHOLD were picked by `--cv` (5-fold cross-validation on
-the training part only: flagged F1 against false flags on the look-alikes): blocks 6, 9 and both,
-C 0.003-0.1, thresholds 0.5-0.7."""
+MODERATION_WEIGHT = 1.0
+"""How many times a moderation row counts (the HH rows are keyword-selected, the moderation rows real text)."""
+THRESHOLD = 0.65
+"""P(unsafe) that flags. SPEC, C, MODERATION_WEIGHT and THRESHOLD were picked by `--cv` (5-fold cross-validation
+on the training part only): the best moderation-row flagged F1 with at most ~10% of the look-alikes flagged
+and flagged F1 over all rows >= 0.8. The held-out part was used once, for the figures of the pick."""
+CV_SPEC = FeatureSpec(layers=tuple(range(1, 10)), max_tokens=64, last=(6, 9))
+"""Every feature slice the grid draws on (blocks 1..9 of 30: the forward's cost does not grow)."""
+GRID = {"spec": [FeatureSpec((9,)), FeatureSpec((6, 9), last=(9,)), FeatureSpec((5, 7, 9), last=(9,)),
+                 FeatureSpec(tuple(range(1, 10))), SPEC],
+        "C": [0.001, 0.003, 0.01], "moderation_weight": [1.0, 2.0, 3.0], "threshold": [0.5, 0.55, 0.6, 0.65, 0.7]}
 SPLIT_FILE = guard_data.REPO_DATA / "guard_split.json"
 
 
-def cached_features(llm, texts: list[str], layers: tuple[int, ...], cache: Path) -> torch.Tensor:
-    """(N, len(layers) * dim) features; cache/features-<max_tokens>.pt keeps each text's per-block vectors
-    (keyed by a hash of the text), so only new texts or blocks are embedded."""
-    path = cache / f"features-{SPEC.max_tokens}.pt"
-    store = torch.load(path) if path.exists() else {}  # (text hash, block) -> (dim,)
+def cached_features(llm, texts: list[str], spec: FeatureSpec, cache: Path) -> torch.Tensor:
+    """(N, len(layers) * len(pooling) * dim) features; cache/features-<max_tokens>.pt keeps each text's vector
+    per (block, pooling) (keyed by a hash of the text), so only new texts, blocks or poolings are embedded."""
+    path = cache / f"features-{spec.max_tokens}.pt"
+    store = torch.load(path) if path.exists() else {}  # (text hash, block, pooling) -> (dim,)
     keys = [hashlib.sha256(t.encode()).hexdigest()[:20] for t in texts]
-    todo = [i for i, k in enumerate(keys) if any((k, x) not in store for x in layers)]
+    parts = spec.parts()
+    todo = [i for i, k in enumerate(keys) if any((k, *part) not in store for part in parts)]
     if todo:
         started = time.perf_counter()
-        fresh = features(llm, [texts[i] for i in todo], FeatureSpec(layers, SPEC.max_tokens))
-        print(f"embedded {len(todo)} texts (blocks {layers}) in {time.perf_counter() - started:.0f} s")
+        fresh = features(llm, [texts[i] for i in todo], spec)
+        print(f"embedded {len(todo)} texts ({spec}) in {time.perf_counter() - started:.0f} s")
         for row, i in zip(fresh, todo):
-            for block, x in zip(row.chunk(len(layers)), layers):
-                store[keys[i], x] = block.clone()
+            for vector, part in zip(row.chunk(len(parts)), parts):
+                store[(keys[i], *part)] = vector.clone()
         torch.save(store, path)
-    return torch.stack([torch.cat([store[k, x] for x in layers]) for k in keys])
+    return torch.stack([torch.cat([store[(k, *part)] for part in parts]) for k in keys])
 
 
-def fit(x: torch.Tensor, targets: list[list[int | None]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One logistic regression per output column on standardized x; rows with a None target are skipped.
-    Returns weight (K, F), bias (K,)."""
+def fit(x: torch.Tensor, targets: list[list[int | None]], row_weight: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One logistic regression per output column on standardized x; rows with a None target are skipped,
+    each row counts row_weight times (on top of the balanced class weights). Returns weight (K, F), bias (K,)."""
     from sklearn.linear_model import LogisticRegression
 
     weights, biases = [], []
@@ -70,7 +79,8 @@ def fit(x: torch.Tensor, targets: list[list[int | None]]) -> tuple[torch.Tensor,
             weights.append(torch.zeros(x.shape[1]))
             biases.append(-10.0)
             continue
-        model = LogisticRegression(C=C, max_iter=2000, class_weight="balanced").fit(x[rows].numpy(), y)
+        model = LogisticRegression(C=C, max_iter=2000, class_weight="balanced")
+        model.fit(x[rows].numpy(), y, sample_weight=[row_weight[i] for i in rows])
         weights.append(torch.tensor(model.coef_[0], dtype=torch.float32))
         biases.append(float(model.intercept_[0]))
     return torch.stack(weights), torch.tensor(biases)
@@ -104,28 +114,36 @@ def evaluate(probs: torch.Tensor, examples: list, threshold: float) -> dict:
     return out
 
 
-def cross_validate(x: torch.Tensor, examples: list, rows: list[int]) -> int:
-    """Flagged F1 and look-alike false flags of each (blocks, C, threshold), 5 folds of the training part."""
+def cross_validate(x: torch.Tensor, examples: list) -> int:
+    """5-fold cross-validation on the training part only (folds stratified by source and label): flagged F1
+    on all rows and on the moderation rows, and look-alike false flags, for each GRID point and threshold."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
     y = np.array([e.unsafe for e in examples])
     look = np.array([e.id.startswith("look:") for e in examples])
-    dim = x.shape[1] // 2
-    for name, cols in (("6", slice(0, dim)), ("9", slice(dim, 2 * dim)), ("6+9", slice(0, 2 * dim))):
-        features_ = x[rows][:, cols].numpy()
-        for c in (0.003, 0.01, 0.03, 0.1):
-            p = np.zeros(len(rows))
-            for a, b in StratifiedKFold(5, shuffle=True, random_state=0).split(features_, y * 2 + look):
-                mu, sd = features_[a].mean(0), features_[a].std(0) + 1e-4
-                model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
-                p[b] = model.fit((features_[a] - mu) / sd, y[a]).predict_proba((features_[b] - mu) / sd)[:, 1]
-            for t in (0.5, 0.6, 0.7):
-                flag = p >= t
-                f1 = 2 * (flag & (y == 1)).sum() / (flag.sum() + y.sum())
-                print(f"blocks {name:4} C {c:<6} threshold {t}: flagged F1 {f1:.3f}, "
-                      f"look-alikes flagged {(flag & look).sum()}/{look.sum()}")
+    mod = np.array([e.id.startswith("mod:") for e in examples])
+    strata = [f"{e.id.split(':')[0]}{e.unsafe}" for e in examples]
+    parts = CV_SPEC.parts()  # x's dim-wide column slices, in order
+    dim = x.shape[1] // len(parts)
+    for spec in GRID["spec"]:
+        cols = [parts.index(part) for part in spec.parts()]
+        features_ = torch.cat([x[:, j * dim:(j + 1) * dim] for j in cols], 1).numpy()
+        for c in GRID["C"]:
+            for w in GRID["moderation_weight"]:
+                weight = np.where(mod, w, 1.0)
+                p = np.zeros(len(examples))
+                for a, b in StratifiedKFold(5, shuffle=True, random_state=0).split(features_, strata):
+                    mu, sd = features_[a].mean(0), features_[a].std(0) + 1e-4
+                    model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+                    model.fit((features_[a] - mu) / sd, y[a], sample_weight=weight[a])
+                    p[b] = model.predict_proba((features_[b] - mu) / sd)[:, 1]
+                for t in GRID["threshold"]:
+                    flag = p >= t
+                    f1 = [2 * (flag[m] & (y[m] == 1)).sum() / (flag[m].sum() + y[m].sum()) for m in (y >= 0, mod)]
+                    print(f"mean {spec.layers} last {spec.last} C {c} moderation x{w} threshold {t}: flagged F1 "
+                          f"{f1[0]:.3f}, moderation {f1[1]:.3f}, look-alikes {(flag & look).sum()}/{look.sum()}")
     return 0
 
 
@@ -134,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", type=Path, default=Path("/work/shared/data"), help="folder with safety/ and preference/")
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default: a fresh temp folder)")
     p.add_argument("--out", type=Path, default=HEAD_DIR)
-    p.add_argument("--cv", action="store_true", help="print the 5-fold grid over blocks, C and threshold; save nothing")
+    p.add_argument("--cv", action="store_true", help="print the 5-fold grid (GRID) on the training part; save nothing")
     args = p.parse_args(argv)
     import corral
 
@@ -147,18 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     train = [i for i, e in enumerate(examples) if e.id not in held]
     if args.cv:
-        return cross_validate(cached_features(corral.load(), texts, (6, 9), cache), [examples[i] for i in train],
-                              train)
-    x = cached_features(corral.load(), texts, SPEC.layers, cache)
+        x = cached_features(corral.load(), [texts[i] for i in train], CV_SPEC, cache)
+        return cross_validate(x, [examples[i] for i in train])
+    x = cached_features(corral.load(), texts, SPEC, cache)
+    torch.set_num_threads(1)  # one thread from here on: the fit's float sums, and so the weights, are byte-stable
+    threadpool_limits(1)
     test = [i for i, e in enumerate(examples) if e.id in held]
     mean, scale = x[train].mean(0), x[train].std(0).clamp_min(1e-4)
     z = (x - mean) / scale
     targets = [[e.unsafe] + [e.labels[c] for c in guard_data.CODES] for e in examples]
-    weight, bias = fit(z[train], [targets[i] for i in train])
+    row_weight = [MODERATION_WEIGHT if examples[i].id.startswith("mod:") else 1.0 for i in train]
+    weight, bias = fit(z[train], [targets[i] for i in train], row_weight)
     head = Head(weight, bias, mean, scale, SPEC, guard_data.CODES, THRESHOLD)
     metrics = evaluate(head.probabilities(x[test]), [examples[i] for i in test], head.threshold)
     metrics["train_examples"], metrics["held_out_examples"] = len(train), len(test)
-    head.save(args.out, {"C": C, "split": str(SPLIT_FILE.relative_to(ROOT))})
+    head.save(args.out, {"C": C, "moderation_weight": MODERATION_WEIGHT, "split": str(SPLIT_FILE.relative_to(ROOT))})
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps(metrics, indent=1))
     return 0

@@ -6,6 +6,7 @@ checkpoints); only the model and its 16-letter vocabulary are toys, so the test 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from corral.engine.engine import Engine
@@ -100,3 +101,21 @@ def test_rollout_batch_masks_the_response_and_ends_with_the_score(tmp_path):
     # kl_coef 0, gamma = lambda = 1: every response token's return is the score, 1.
     assert torch.allclose(batch.returns[batch.mask], torch.ones(int(lengths.sum())), atol=1e-6)
     assert (batch.targets[~batch.mask] == -100).all()
+
+
+def test_ppo_crash_then_resume_equals_straight_run(tmp_path):
+    """RELIABILITY 30 for PPO: checkpoints on rollout boundaries (epochs * minibatches = 4 steps) resume exactly."""
+    from corral.train.failure import InjectedCrash
+
+    def train(out, **overrides):
+        run = ppo_run(tmp_path / out, steps=8, **{"checkpoint.every": 4, **overrides})
+        source = build_rollout_source(run.model, Letters(), {STOP}, PROMPTS, TEXTS, share_of_c, PARAMS)
+        return train_loop(run, source, lambda m, b: ppo_loss(m, b, PARAMS), name="ppo")
+
+    straight = train("a")
+    with pytest.raises(InjectedCrash, match="step 6"):
+        train("b", **{"fault.crash_at_step": 6})
+    resumed = train("b", **{"checkpoint.resume": '"auto"'})
+    a, b = read_metrics(straight.metrics_path), read_metrics(resumed.metrics_path)
+    assert list(a) == list(b) == list(range(1, 9))
+    assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b] and a[8]["reward"] == b[8]["reward"]

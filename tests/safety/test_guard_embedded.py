@@ -55,11 +55,14 @@ def test_custom_categories_need_a_llama_guard_model(guard):
 
 
 def test_the_shipped_head_is_small_and_met_its_held_out_target():
-    assert sum(p.stat().st_size for p in HEAD_DIR.iterdir()) < 200_000
+    assert sum(p.stat().st_size for p in HEAD_DIR.iterdir()) < 2_500_000
     metrics = json.loads((HEAD_DIR / "metrics.json").read_text())
-    assert metrics["flagged"]["f1"] >= 0.75 and metrics["held_out_examples"] > 300
+    assert metrics["flagged"]["f1"] >= 0.8 and metrics["held_out_examples"] > 300
+    # the 0.75 on moderation rows alone is not reached (docs/safety.md says so); this floor keeps it
+    # from sliding back
+    assert metrics["flagged_moderation_only"]["f1"] >= 0.6
     looks = metrics["lookalike_false_flags"]
-    assert looks["flagged"] / looks["of"] <= 0.15
+    assert looks["flagged"] / looks["of"] <= 0.10
 
 
 @pytest.mark.slow
