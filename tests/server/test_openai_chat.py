@@ -109,8 +109,12 @@ def test_completions_stream_and_echo(live):
         model=MODEL, prompt="One, two, three,", max_tokens=6, temperature=0, echo=True, stream=True))
     assert whole.choices[0].text.startswith("One, two, three,") and streamed == whole.choices[0].text
     lp = whole.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == whole.usage.completion_tokens
-    assert all(len(alts) == 2 for alts in lp.top_logprobs)
+    # echo + logprobs scores the prompt's tokens too (OpenAI's legacy behaviour, what log-likelihood evaluation
+    # reads): the first prompt token has no context, so its entries are None
+    usage = whole.usage
+    assert len(lp.tokens) == len(lp.token_logprobs) == usage.prompt_tokens + usage.completion_tokens
+    assert lp.token_logprobs[0] is None and all(isinstance(x, float) for x in lp.token_logprobs[1:])
+    assert all(len(alts) == 2 for alts in lp.top_logprobs[usage.prompt_tokens:])
 
 
 def test_models_lists_the_stored_default(live):
