@@ -22,8 +22,7 @@ STDLIB_OK = {"__future__", "math", "dataclasses", "typing", "collections", "func
 SHARED = {"errors", "config"}  # every package may import these; they import no other corral module
 _BELOW_ENGINE = {"model", "kernels", "tokenizer", "checkpoint"}
 _INFERENCE = _BELOW_ENGINE | {"engine", "llm"}
-# package (or top-level module) -> the corral packages it may import. Packages not written yet
-# (eval, posttrain, safety) have rows so that the first file added to them is already held.
+# package (or top-level module) -> the corral packages it may import; every package has a row.
 MAY_IMPORT: dict[str, set[str]] = {
     "errors": set(),
     "config": set(),  # the typed TOML loader every *Config uses (shared, like errors)
