@@ -1,6 +1,7 @@
 """`corral run` in a real pseudo-terminal (pexpect): streamed answers, /set, /save, /load, Ctrl+C, /bye."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,9 +25,15 @@ def _env(home):
 TIMEOUT_S = 600
 
 
+def _default_sigint() -> None:
+    # A runner started in the background of a non-interactive shell ignores SIGINT, and an ignored signal
+    # stays ignored across exec: Python would then never raise KeyboardInterrupt for the Ctrl+C tests.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(home, *args):
     return pexpect.spawn(sys.executable, ["-m", "corral.cli", "run", *args], env=_env(home), encoding="utf-8",
-                         timeout=TIMEOUT_S, dimensions=(40, 200))
+                         timeout=TIMEOUT_S, dimensions=(40, 200), preexec_fn=_default_sigint)
 
 
 @pytest.fixture
