@@ -245,7 +245,7 @@ class Engine:
         free = [i for i, r in enumerate(self.slots) if r is None]
         if avoid_reuse:
             return free[0]
-        return max(free, key=lambda i: (_shared_prefix(self.kept[i], prompt), -i))
+        return max(free, key=lambda i: (shared_prefix(self.kept[i], prompt), -i))
 
     def _occupy(self, req: Request, slot: int, pos: int) -> None:
         self.slots[slot], req.slot, req.pos = req, slot, pos
@@ -256,7 +256,7 @@ class Engine:
         or None when the request was aborted meanwhile (it is cancelled; the slot is free again)."""
         started = time.perf_counter()
         # Always recompute at least the last prompt token: its logits pick the first new token.
-        reuse = min(_shared_prefix(self.kept[slot], req.prompt), len(req.prompt) - 1)
+        reuse = min(shared_prefix(self.kept[slot], req.prompt), len(req.prompt) - 1)
         self.cache.reserve(slot + 1, len(req.prompt) + 1)
         self._occupy(req, slot, reuse)
         tokens = torch.tensor([req.prompt[reuse:]], device=self.device)  # (1, T)
@@ -463,7 +463,8 @@ def compile_decode(model: Transformer):
     return torch.compile(model, dynamic=True)
 
 
-def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b have in common (the part of a cached prompt a new one can reuse)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

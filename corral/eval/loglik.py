@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from corral.engine.engine import shared_prefix
 from corral.engine.kv_cache import KVCache, cache_dtype
 from corral.errors import CorralError
 from corral.eval.generation import GenRequest, generate_local
@@ -171,12 +172,12 @@ class LocalModel:
         if kept.cache is None or kept.rows < rows or kept.length < length:
             # sized for this request only (rounded up), so a long rolling window never multiplies a later row count
             grown = KVCache(self.model.config, rows, -(-length // 256) * 256, dtype=cache_dtype(self.model))
-            shared = _shared(kept.ids, ids)
+            shared = shared_prefix(kept.ids, ids)
             if kept.cache is not None and shared:
                 for new, old in zip(grown.k + grown.v, kept.cache.k + kept.cache.v):
                     new[0, :, :shared] = old[0, :, :shared]
             kept.cache, kept.rows, kept.length = grown, grown.k[0].shape[0], grown.max_seq_len
-        shared = _shared(kept.ids, ids)
+        shared = shared_prefix(kept.ids, ids)
         for lo in range(shared, len(ids), CHUNK):  # only what the last context did not already compute
             self.model.hidden(torch.tensor([ids[lo:lo + CHUNK]]), lo, kept.cache)
         kept.ids = list(ids)
@@ -210,12 +211,3 @@ def rolling_windows(ids: Tokens, prefix_id: int, max_length: int) -> list[tuple[
         ctx = ids[max(0, start + len(pred) - max_length - 1):start]
         windows.append((ctx, pred))
     return windows
-
-
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
